@@ -20,7 +20,8 @@ _EXT_NDARRAY, _EXT_COMPLEX, _EXT_SCALAR = 1, 2, 3
 
 def _is_msgpack_map(head: bytes, path: Path) -> bool:
     first = head[0]
-    return 0x80 <= first <= 0x8F or first in (0xDE, 0xDF)
+    # 0x80 alone is an empty map: no checkpoint starts so, but every pickle (protocol 2+) does.
+    return 0x81 <= first <= 0x8F or first in (0xDE, 0xDF)
 
 
 def _ndarray(data: bytes) -> np.ndarray:

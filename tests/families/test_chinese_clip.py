@@ -1,0 +1,233 @@
+"""known_mappings/chinese_clip.yaml: a cn_clip (Chinese-CLIP) ViT checkpoint -> transformers ChineseCLIPModel.
+
+The proof compares the converted model with cn_clip's own CLIP on the same image and text batch
+(features and logits), checks the weights against a port of the seed converter, inverts the
+mapping back to the checkpoint bit-exactly, and rejects every mapping one mistake away.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import ChineseCLIPModel
+
+from matcher.convert import convert, convert_arrays
+from matcher.errors import MatcherError
+from matcher.mapping import Mapping
+from matcher.ops import apply_chain
+from matcher.sources import open_tree
+from matcher.targets import build_target
+from matcher.tree import ParamTree
+from tests.fixtures import make_chinese_clip
+from tests.proof import mutants
+
+MAPPING = Path(__file__).resolve().parents[2] / "known_mappings" / "chinese_clip.yaml"
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def fixture(tmp_path_factory):
+    return make_chinese_clip.make(tmp_path_factory.mktemp("chinese_clip"))
+
+
+@pytest.fixture(scope="module")
+def mapping():
+    return Mapping.load(MAPPING)
+
+
+@pytest.fixture(scope="module")
+def source_tree(fixture):
+    return open_tree(fixture["source"])
+
+
+@pytest.fixture(scope="module")
+def target(fixture):
+    return build_target("ChineseCLIPModel", fixture["config"])
+
+
+@pytest.fixture(scope="module")
+def original(fixture):
+    """cn_clip's CLIP loaded from the checkpoint file the way cn_clip loads it."""
+    return fixture["load_source_model"]()
+
+
+@pytest.fixture(scope="module")
+def inputs(fixture):
+    """Three images and three token rows, two of them padded with [PAD] so the attention mask matters."""
+    generator = torch.Generator().manual_seed(0)
+    size, length = fixture["image_size"], fixture["context_length"]
+    images = torch.randn(3, 3, size, size, generator=generator)
+    ids = torch.randint(1, fixture["vocab_size"], (3, length), generator=generator)
+    ids[0, 9:] = fixture["pad_id"]
+    ids[1, 4:] = fixture["pad_id"]
+    return images, ids
+
+
+@pytest.fixture(scope="module")
+def expected(original, inputs):
+    """What cn_clip computes: encode_image, encode_text, and its similarity logits."""
+    images, ids = inputs
+    with torch.no_grad():
+        logits_per_image, _ = original.get_similarity(images, ids)
+        return {"image": original.encode_image(images), "text": original.encode_text(ids), "logits": logits_per_image}
+
+
+def outputs_of(model: ChineseCLIPModel, inputs, pad_id: int) -> dict[str, torch.Tensor]:
+    """The same three quantities from the transformers model (cn_clip masks exactly the [PAD] tokens)."""
+    images, ids = inputs
+    mask = (ids != pad_id).long()
+    with torch.no_grad():
+        return {
+            "image": model.get_image_features(pixel_values=images).pooler_output,
+            "text": model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output,
+            "logits": model(input_ids=ids, attention_mask=mask, pixel_values=images).logits_per_image,
+        }
+
+
+def max_differences(got: dict, want: dict) -> dict[str, float]:
+    return {name: (got[name] - want[name]).abs().max().item() for name in want}
+
+
+def seed_converter(pt_weights: dict[str, torch.Tensor], model: ChineseCLIPModel) -> dict[str, torch.Tensor]:
+    """The seed's convert_chinese_clip_original_pytorch_to_hf.py, ported: the reference state dict."""
+
+    def copy_linear(module, prefix):
+        module.weight.data = pt_weights[f"{prefix}.weight"]
+        module.bias.data = pt_weights[f"{prefix}.bias"]
+
+    def copy_layer(layer, prefix):
+        copy_linear(layer.layer_norm1, f"{prefix}.ln_1")
+        copy_linear(layer.layer_norm2, f"{prefix}.ln_2")
+        copy_linear(layer.mlp.fc1, f"{prefix}.mlp.c_fc")
+        copy_linear(layer.mlp.fc2, f"{prefix}.mlp.c_proj")
+        attn = layer.self_attn
+        q, k, v = pt_weights[f"{prefix}.attn.in_proj_weight"].chunk(3, dim=0)
+        qb, kb, vb = pt_weights[f"{prefix}.attn.in_proj_bias"].chunk(3, dim=0)
+        attn.q_proj.weight.data, attn.k_proj.weight.data, attn.v_proj.weight.data = q, k, v
+        attn.q_proj.bias.data, attn.k_proj.bias.data, attn.v_proj.bias.data = qb, kb, vb
+        copy_linear(attn.out_proj, f"{prefix}.attn.out_proj")
+
+    model.text_projection.weight.data = pt_weights["text_projection"].T
+    for name, param in model.text_model.named_parameters():
+        param.data = pt_weights[f"bert.{name}"]
+    vision = model.vision_model
+    model.visual_projection.weight.data = pt_weights["visual.proj"].T
+    copy_linear(vision.pre_layrnorm, "visual.ln_pre")
+    copy_linear(vision.post_layernorm, "visual.ln_post")
+    vision.embeddings.patch_embedding.weight.data = pt_weights["visual.conv1.weight"]
+    vision.embeddings.class_embedding.data = pt_weights["visual.class_embedding"]
+    vision.embeddings.position_embedding.weight.data = pt_weights["visual.positional_embedding"]
+    for i, layer in enumerate(vision.encoder.layers):
+        copy_layer(layer, f"visual.transformer.resblocks.{i}")
+    model.logit_scale.data = pt_weights["logit_scale"]
+    return model.state_dict()
+
+
+# ---------------------------------------------------------------------------- the file
+
+
+def test_fixture_is_saved_like_a_released_cn_clip_checkpoint(fixture, source_tree, original):
+    raw = torch.load(fixture["source"], map_location="cpu", weights_only=True)
+    assert {"epoch", "step", "name", "state_dict"} <= set(raw)
+    assert all(key.startswith("module.") for key in raw["state_dict"])
+    # the reader unwraps state_dict and strips the DDP prefix: the tree is the model's own state dict
+    assert set(source_tree.specs) == set(original.state_dict())
+
+
+def test_mapping_covers_the_checkpoint_and_the_model_exactly(mapping, source_tree, target):
+    expansion = mapping.expand(source_tree.specs, target.tree.specs)
+    assert expansion.complete, expansion.summary()
+    assert expansion.dropped == [] and expansion.initialised == []
+
+
+# ---------------------------------------------------------------------------- a. conversion
+
+
+@pytest.fixture(scope="module")
+def converted_dir(fixture, mapping, tmp_path_factory):
+    out = tmp_path_factory.mktemp("chinese_clip_converted") / "hf"
+    return convert(fixture["source"], "ChineseCLIPModel", fixture["config"], mapping, out)
+
+
+def test_converted_model_loads_without_missing_or_unexpected_keys(converted_dir):
+    _, info = ChineseCLIPModel.from_pretrained(converted_dir, output_loading_info=True)
+    assert not info["missing_keys"]
+    assert not info["unexpected_keys"]
+    assert not info["mismatched_keys"]
+    assert not info.get("error_msgs")
+
+
+def test_converted_model_computes_what_cn_clip_computes(converted_dir, inputs, expected, fixture):
+    model = ChineseCLIPModel.from_pretrained(converted_dir).float().eval()
+    differences = max_differences(outputs_of(model, inputs, fixture["pad_id"]), expected)
+    assert all(d <= TOLERANCE for d in differences.values()), differences
+
+
+def test_written_weights_equal_the_seed_converter_bit_for_bit(converted_dir, original):
+    written = load_file(converted_dir / "model.safetensors")
+    reference = seed_converter(dict(original.state_dict()), ChineseCLIPModel(make_chinese_clip.target_config()).eval())
+    assert written.keys() == reference.keys()
+    different = [key for key in reference if not torch.equal(written[key], reference[key])]
+    assert different == []
+
+
+def test_from_pretrained_keeps_the_written_weights_except_the_pad_embedding_row(converted_dir, fixture):
+    """transformers 5's ChineseCLIP _init_weights zeroes word_embeddings[pad_token_id] after loading
+    (it zeroes an indexed view, which lacks the loaded tensor's _is_hf_initialized flag). cn_clip masks
+    [PAD] tokens, so the features do not change; everything else must load exactly as written."""
+    written = load_file(converted_dir / "model.safetensors")
+    loaded = ChineseCLIPModel.from_pretrained(converted_dir).state_dict()
+    pad, words = fixture["pad_id"], "text_model.embeddings.word_embeddings.weight"
+    assert written[words][pad].abs().max() > 0  # the checkpoint's [PAD] row is not zero...
+    rows = torch.arange(written[words].shape[0]) != pad
+    assert torch.equal(loaded[words][rows], written[words][rows])  # ...the other rows load as written
+    different = [key for key in written if key != words and not torch.equal(loaded[key], written[key])]
+    assert different == []
+
+
+# ---------------------------------------------------------------------------- b. round trip
+
+
+def test_reverse_mapping_gives_back_the_checkpoint_bit_exactly(mapping, source_tree, target):
+    forward = convert_arrays(source_tree, target.tree, mapping)
+    backward = mapping.reverse(source_tree.shapes())
+    expansion = backward.expand(forward.keys(), source_tree.specs)
+    assert expansion.complete, expansion.summary()
+    restored = {rule.target: np.asarray(apply_chain(rule.ops, [forward[s] for s in rule.sources])) for rule in expansion.rules}
+    assert restored.keys() == set(source_tree.specs)
+    for key, array in restored.items():
+        original = np.asarray(source_tree.read(key))
+        assert array.dtype == original.dtype and array.shape == original.shape, key
+        assert np.array_equal(array, original), key
+
+
+# ---------------------------------------------------------------------------- c. mutants
+
+
+def test_every_mapping_one_mistake_away_is_rejected(mapping, source_tree, target, inputs, expected, fixture):
+    model = ChineseCLIPModel(make_chinese_clip.target_config()).eval()
+    arrays = {key: source_tree.read(key) for key in source_tree.specs}
+    source = ParamTree.from_arrays(arrays)  # read the file once; every mutant converts from memory
+
+    def rejection(mutant: Mapping) -> str | None:
+        try:
+            state = convert_arrays(source, target.tree, mutant)
+        except MatcherError as exc:
+            return f"conversion refused: {exc}"
+        result = model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            return f"load reports missing {result.missing_keys} unexpected {result.unexpected_keys}"
+        differences = max_differences(outputs_of(model, inputs, fixture["pad_id"]), expected)
+        if max(differences.values()) > TOLERANCE:
+            return f"outputs differ: {differences}"
+        return None
+
+    assert rejection(mapping) is None  # the proof passes on the real mapping...
+    all_mutants = list(mutants(mapping))
+    assert len(all_mutants) == len(mapping.rules) + 2  # every rule removed once; two transposes flipped
+    survivors = [description for description, mutant in all_mutants if rejection(mutant) is None]
+    assert survivors == []  # ...and fails on every mutant

@@ -22,7 +22,7 @@ demo: setup
 		--config tests/fixtures/demo/siglip_tiny_config.json --mapping siglip --save $(VENV)/demo-out
 
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(VENV)

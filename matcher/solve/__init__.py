@@ -1,0 +1,273 @@
+"""The matcher: infer a Mapping from a source tree and a target tree, shapes and names only.
+
+1. Repeated blocks on both sides (``blocks``); block templates are paired by solving one
+   instance of each candidate pair (``assign.solve_scope``) and an optimal assignment
+   over the pairs' costs.
+2. Leaves outside blocks are assigned globally, helped by the tower correspondence the
+   block pairs establish (``params/img`` ~ ``vision_model``).
+3. Orientation: pass one decides what shapes force and learns, per source name
+   (``kernel``, ``weight``...), whether matrices are stored transposed; pass two applies
+   that to square matrices. A square matrix with no convention stays unresolved.
+4. Every target and source tensor ends matched, unresolved (with ranked candidates), or
+   unmatched. Nothing is guessed: near-ties are unresolved.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..mapping import Mapping, Rule
+from ..ops import Chunk, Concat
+from ..tree import ParamTree, natural_key
+from .assign import INFEASIBLE, Ambiguity, Item, Pair, ScopeResult, orientation_key, solve_scope
+from .blocks import Block, Units, ancestors, find_blocks
+from .chains import chains_between
+from .names import describe_names, similarity
+
+CONVENTION_AGREEMENT = 0.8
+TOWER_BONUS = -0.3
+TOWER_CONFLICT = 0.5
+
+
+@dataclass
+class Decision:
+    """One inferred rule with its evidence."""
+
+    rule: Rule
+    confidence: float
+    reasons: list[str]
+
+
+@dataclass
+class Unresolved:
+    target: str
+    candidates: list[str]
+    reason: str
+
+
+@dataclass
+class MatchReport:
+    mapping: Mapping
+    decisions: list[Decision]
+    unresolved: list[Unresolved]
+    unmatched_targets: list[str]
+    unused_sources: list[str]
+    conventions: dict[str, bool]
+    config_fields: list[Any] = field(default_factory=list)
+    source: ParamTree | None = None
+    target: Any = None
+
+    @property
+    def complete(self) -> bool:
+        return not (self.unresolved or self.unmatched_targets or self.unused_sources)
+
+    def to_dict(self) -> dict:
+        return {
+            "complete": self.complete,
+            "rules": [
+                {**d.rule.to_dict(), "confidence": round(d.confidence, 3), "reasons": d.reasons} for d in self.decisions
+            ],
+            "unresolved": [{"target": u.target, "candidates": u.candidates, "reason": u.reason} for u in self.unresolved],
+            "unmatched_targets": self.unmatched_targets,
+            "unused_sources": self.unused_sources,
+            "conventions": {k: ("transpose" if v else "as is") for k, v in sorted(self.conventions.items())},
+        }
+
+
+# ---------------------------------------------------------------------- items
+
+
+def _block_items(block: Block) -> list[Item]:
+    return [Item(block.template(suffix), suffix.lstrip("/."), spec.shape) for suffix, spec in block.leaves.items()]
+
+
+def _single_items(specs: dict) -> list[Item]:
+    return [Item(key, key, spec.shape) for key, spec in specs.items()]
+
+
+# ---------------------------------------------------------------------- blocks
+
+
+@dataclass
+class BlockMatch:
+    source: Block
+    target: Block
+    result: ScopeResult
+
+
+def _block_cost(source: Block, target: Block, result: ScopeResult, prefix_similarity: float) -> float:
+    if source.indices != target.indices:
+        return INFEASIBLE
+    covered = len(result.pairs) + len(result.ambiguous)
+    total = covered + len(result.unmatched_targets)
+    if total == 0 or covered < 0.5 * total:
+        return INFEASIBLE
+    per_leaf = (result.cost + len(result.ambiguous)) / max(1, len(result.pairs) + len(result.ambiguous))
+    misses = len(result.unmatched_targets) + 0.5 * len(result.unused_sources)
+    return per_leaf + misses + (1.0 - prefix_similarity)
+
+
+def _match_blocks(source: Units, target: Units, conventions: dict[str, bool]) -> list[BlockMatch]:
+    from scipy.optimize import linear_sum_assignment
+
+    if not source.blocks or not target.blocks:
+        return []
+    prefixes = describe_names([b.prefix for b in source.blocks] + [b.prefix for b in target.blocks])
+    cost = np.full((len(source.blocks), len(target.blocks)), INFEASIBLE)
+    results: dict[tuple[int, int], ScopeResult] = {}
+    for r, sb in enumerate(source.blocks):
+        for c, tb in enumerate(target.blocks):
+            if sb.count != tb.count:
+                continue
+            result = solve_scope(_block_items(sb), _block_items(tb), conventions)
+            results[(r, c)] = result
+            cost[r, c] = _block_cost(sb, tb, result, similarity(prefixes[sb.prefix], prefixes[tb.prefix]))
+    rows, cols = linear_sum_assignment(cost)
+    return [BlockMatch(source.blocks[r], target.blocks[c], results[(r, c)]) for r, c in zip(rows, cols) if cost[r, c] < INFEASIBLE]
+
+
+def _tower_affinity(matches: list[BlockMatch]):
+    """Source subtree -> target subtree correspondences read off the paired blocks."""
+    partner: dict[str, str] = {}
+    for match in matches:
+        for source_anc, target_anc in zip(ancestors(match.source.prefix), ancestors(match.target.prefix)):
+            partner.setdefault(source_anc, target_anc)
+    partners = set(partner.values())
+
+    def affinity(source: Item, target: Item) -> float:
+        for anc in ancestors(source.template):
+            if anc in partner:
+                mapped = partner[anc]
+                if target.template.startswith(mapped + ".") or target.template.startswith(mapped + "/"):
+                    return TOWER_BONUS
+                conflicting = [p for p in partners if not mapped.startswith(p) and target.template.startswith(p + ".")]
+                return TOWER_CONFLICT if conflicting else 0.0
+        return 0.0
+
+    return affinity
+
+
+# ---------------------------------------------------------------------- conventions
+
+
+def _learn_conventions(pairs: list[Pair]) -> dict[str, bool]:
+    votes: dict[str, Counter] = defaultdict(Counter)
+    for pair in pairs:
+        if len(pair.target.shape) < 2:
+            continue
+        flags = {c.transposed for c in chains_between(pair.source.shape, pair.target.shape)}
+        if len(flags) == 1:
+            votes[orientation_key(pair.source)][flags.pop()] += 1
+    conventions = {}
+    for key, counter in votes.items():
+        total = sum(counter.values())
+        for flag in (True, False):
+            if counter[flag] >= CONVENTION_AGREEMENT * total:
+                conventions[key] = flag
+    return conventions
+
+
+# ---------------------------------------------------------------------- assembly
+
+
+def _solve(source: Units, target: Units, conventions: dict[str, bool]):
+    matches = _match_blocks(source, target, conventions)
+    used_source = {id(m.source) for m in matches}
+    used_target = {id(m.target) for m in matches}
+    source_singles = dict(source.singles)
+    target_singles = dict(target.singles)
+    source_tree_specs = {}
+    for block in source.blocks:
+        if id(block) not in used_source:
+            for suffix, spec in block.leaves.items():
+                for index in block.indices:
+                    source_tree_specs[block.key(suffix, index)] = spec
+    source_singles.update(source_tree_specs)
+    for block in target.blocks:
+        if id(block) not in used_target:
+            for suffix, spec in block.leaves.items():
+                for index in block.indices:
+                    target_singles[block.key(suffix, index)] = spec
+    singles = solve_scope(_single_items(source_singles), _single_items(target_singles), conventions, _tower_affinity(matches))
+    return matches, singles
+
+
+def _all_pairs(matches: list[BlockMatch], singles: ScopeResult) -> list[Pair]:
+    return [p for m in matches for p in m.result.pairs] + list(singles.pairs)
+
+
+def _confidence(pair: Pair) -> float:
+    return float(min(1.0, pair.margin / 0.5)) if np.isfinite(pair.margin) else 1.0
+
+
+def match_trees(source: ParamTree, target: ParamTree) -> MatchReport:
+    """Infer the mapping from ``source`` to ``target`` (trees of shapes; no data is read)."""
+    source_units, target_units = find_blocks(source), find_blocks(target)
+    matches, singles = _solve(source_units, target_units, {})
+    conventions = _learn_conventions(_all_pairs(matches, singles))
+    matches, singles = _solve(source_units, target_units, conventions)
+    return _report(source, target, matches, singles, conventions)
+
+
+def _report(source: ParamTree, target: ParamTree, matches, singles, conventions) -> MatchReport:
+    decisions: list[Decision] = []
+    unresolved: list[Unresolved] = []
+    used_sources: set[str] = set()
+    written_targets: set[str] = set()
+    fused_targets: dict[str, list[Pair]] = defaultdict(list)
+
+    def expand_sources(template: str) -> list[str]:
+        from ..patterns import template as tmpl
+
+        t = tmpl(template)
+        return [k for k in source.keys() if t.match(k) is not None]
+
+    def expand_targets(template: str) -> list[str]:
+        from ..patterns import template as tmpl
+
+        t = tmpl(template)
+        return [k for k in target.keys() if t.match(k) is not None]
+
+    scopes = [m.result for m in matches] + [singles]
+    for scope in scopes:
+        for ambiguity in scope.ambiguous:
+            unresolved.append(Unresolved(ambiguity.target.label, [f"{item.label} (cost {c:.2f})" for item, c in ambiguity.candidates], ambiguity.reason))
+        for pair in scope.pairs:
+            if pair.orientation_open:
+                unresolved.append(Unresolved(pair.target.label, [f"{pair.source.label} as is", f"{pair.source.label} transposed"],
+                                             f"square matrix and no layout convention for '{orientation_key(pair.source)}' tensors"))
+                continue
+            if pair.target.part is not None:
+                fused_targets[pair.target.template].append(pair)
+                continue
+            ops = pair.chain.ops
+            if pair.source.part is not None:
+                ops = (Chunk(axis=0, index=pair.source.part, parts=pair.source.parts),) + tuple(ops)
+            rule = Rule(pair.target.template, (pair.source.template,), tuple(ops))
+            decisions.append(Decision(rule, _confidence(pair), pair.reasons + [f"margin {pair.margin:.2f}"]))
+    for template, parts in fused_targets.items():
+        parts.sort(key=lambda p: p.target.part)
+        chains = {tuple(op.to_dict().__repr__() for op in p.chain.ops) for p in parts}
+        if len(parts) != parts[0].target.parts or len(chains) != 1:
+            unresolved.append(Unresolved(template, [p.source.label for p in parts], "the parts of this fused tensor were not all matched alike"))
+            continue
+        rule = Rule(template, tuple(p.source.template for p in parts), tuple(parts[0].chain.ops) + (Concat(0),))
+        decisions.append(Decision(rule, min(_confidence(p) for p in parts), ["concatenation of " + ", ".join(p.source.label for p in parts)]))
+    decisions.sort(key=lambda d: natural_key(d.rule.target))
+    for decision in decisions:
+        for src in decision.rule.sources:
+            used_sources.update(expand_sources(src))
+        written_targets.update(expand_targets(decision.rule.target))
+    unresolved_targets = set()
+    for item in unresolved:
+        unresolved_targets.update(expand_targets(item.target.split("[")[0]))
+        for candidate in item.candidates:
+            used_sources.update(expand_sources(candidate.split(" ")[0].split("[")[0]))
+    unmatched_targets = [k for k in target.keys() if k not in written_targets and k not in unresolved_targets]
+    unused_sources = [k for k in source.keys() if k not in used_sources]
+    mapping = Mapping(tuple(d.rule for d in decisions), meta={"description": "inferred by matcher from shapes and names"})
+    return MatchReport(mapping, decisions, unresolved, unmatched_targets, unused_sources, conventions, source=source, target=target)

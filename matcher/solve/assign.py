@@ -1,0 +1,176 @@
+"""Optimal assignment of source items to target items inside one scope (a block pair, or
+the leaves outside blocks), with costs from shape compatibility, names and conventions,
+and an ambiguity check: a pair whose best alternative is within a margin is not decided.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .chains import Chain, chains_between
+from .names import NameInfo, describe_names, fused_parts, segments, similarity
+
+INFEASIBLE = 1e6
+AMBIGUITY_MARGIN = 0.03
+CONTRADICTS_CONVENTION = 0.6
+
+
+@dataclass(frozen=True)
+class Item:
+    """One side's matchable tensor: a leaf, or one part of a fused leaf."""
+
+    template: str  # path template of the whole tensor ({i} inside blocks)
+    name: str  # what names are scored on (suffix inside a block, else the full path)
+    shape: tuple[int, ...]
+    part: int | None = None
+    parts: int | None = None
+    role: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.template if self.part is None else f"{self.template}[{self.role}]"
+
+
+@dataclass
+class Pair:
+    source: Item
+    target: Item
+    chain: Chain
+    cost: float
+    margin: float
+    reasons: list[str] = field(default_factory=list)
+    orientation_open: bool = False  # a square matrix no convention decides
+
+
+@dataclass
+class Ambiguity:
+    target: Item
+    candidates: list[tuple[Item, float]]  # ranked, best first
+    reason: str
+
+
+@dataclass
+class ScopeResult:
+    pairs: list[Pair]
+    ambiguous: list[Ambiguity]
+    unused_sources: list[Item]
+    unmatched_targets: list[Item]
+
+    @property
+    def cost(self) -> float:
+        return sum(p.cost for p in self.pairs)
+
+
+def orientation_key(item: Item) -> str:
+    """What a layout convention is keyed on: the last word of the tensor's name
+    (flax ``kernel``, torch ``weight``, ``proj``, ``embedding``...)."""
+    last = segments(item.template)[-1].lower()
+    return last.rsplit("_", 1)[-1]
+
+
+def split_fused(items: Sequence[Item], other_side: Sequence[Item]) -> list[Item]:
+    """Replace fused tensors (qkv, in_proj) by their parts, unless the other side fuses alike."""
+    other_fused = {fused_parts(i.name) for i in other_side} - {None}
+    result = []
+    for item in items:
+        roles = fused_parts(item.name)
+        if roles and roles not in other_fused and item.shape and item.shape[0] % len(roles) == 0:
+            part_shape = (item.shape[0] // len(roles),) + tuple(item.shape[1:])
+            for index, role in enumerate(roles):
+                result.append(Item(item.template, item.name, part_shape, index, len(roles), role))
+        else:
+            result.append(item)
+    return result
+
+
+def _infos(items: Sequence[Item]) -> list[NameInfo]:
+    described = describe_names([i.name for i in items])
+    infos = []
+    for item in items:
+        info = described[item.name]
+        if item.role is not None:
+            info = NameInfo(info.tokens | {item.role}, info.orders, info.last, f"{info.text}.{item.role}")
+        infos.append(info)
+    return infos
+
+
+def _allowed(chains: tuple[Chain, ...], convention: bool | None) -> tuple[list[Chain], float, bool]:
+    """Chains a convention allows, the penalty if it forbids all, and whether orientation stays open."""
+    flags = {c.transposed for c in chains}
+    if len(flags) < 2:
+        penalty = CONTRADICTS_CONVENTION if convention is not None and flags != {convention} else 0.0
+        return list(chains), penalty, False
+    if convention is None:
+        return list(chains), 0.0, True
+    return [c for c in chains if c.transposed == convention], 0.0, False
+
+
+def solve_scope(
+    sources: Sequence[Item],
+    targets: Sequence[Item],
+    conventions: dict[str, bool],
+    affinity: Callable[[Item, Item], float] | None = None,
+) -> ScopeResult:
+    sources = split_fused(sources, targets)
+    targets = split_fused(targets, sources)
+    if not sources or not targets:
+        return ScopeResult([], [], list(sources), list(targets))
+    source_infos, target_infos = _infos(sources), _infos(targets)
+    cost = np.full((len(sources), len(targets)), INFEASIBLE)
+    options: dict[tuple[int, int], tuple[list[Chain], bool, float]] = {}
+    shape_cache: dict[tuple, tuple[Chain, ...]] = {}
+    for r, source in enumerate(sources):
+        for c, target in enumerate(targets):
+            key = (source.shape, target.shape)
+            chains = shape_cache.get(key)
+            if chains is None:
+                chains = shape_cache[key] = chains_between(source.shape, target.shape)
+            if not chains:
+                continue
+            allowed, penalty, open_orientation = _allowed(chains, conventions.get(orientation_key(source)))
+            name_similarity = similarity(source_infos[r], target_infos[c])
+            value = (1.0 - name_similarity) + penalty + (affinity(source, target) if affinity else 0.0)
+            cost[r, c] = value
+            options[(r, c)] = (allowed, open_orientation, name_similarity)
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(cost)
+    assigned = {r: c for r, c in zip(rows, cols) if cost[r, c] < INFEASIBLE}
+    owner = {c: r for r, c in assigned.items()}
+    pairs, ambiguous, doubtful = [], [], set()
+    for r, c in assigned.items():
+        margin, rival = _margin(cost, r, c, assigned, owner)
+        allowed, open_orientation, name_similarity = options[(r, c)]
+        reasons = [f"shape {sources[r].shape} -> {targets[c].shape}", f"name similarity {name_similarity:.2f}"]
+        pair = Pair(sources[r], targets[c], allowed[0], float(cost[r, c]), margin, reasons, open_orientation)
+        if margin < AMBIGUITY_MARGIN:
+            doubtful.add(c)
+            ranked = sorted(((sources[k], float(cost[k, c])) for k in range(len(sources)) if cost[k, c] < INFEASIBLE), key=lambda x: x[1])
+            ambiguous.append(Ambiguity(targets[c], ranked[:4], f"{sources[rival].label} fits as well (margin {margin:.3f})"))
+            continue
+        pairs.append(pair)
+    unused = [sources[r] for r in range(len(sources)) if r not in assigned]
+    unmatched = [targets[c] for c in range(len(targets)) if c not in owner]
+    return ScopeResult(pairs, ambiguous, unused, unmatched)
+
+
+def _margin(cost: np.ndarray, r: int, c: int, assigned: dict[int, int], owner: dict[int, int]) -> tuple[float, int]:
+    """How much worse the best alternative for target ``c`` is: another source taking it,
+    with the displaced sources swapping (or left unused)."""
+    best, rival = float("inf"), r
+    for other in range(cost.shape[0]):
+        if other == r or cost[other, c] >= INFEASIBLE:
+            continue
+        other_target = assigned.get(other)
+        if other_target is None:
+            delta = cost[other, c] - cost[r, c]
+        elif cost[r, other_target] < INFEASIBLE:
+            delta = cost[other, c] + cost[r, other_target] - cost[r, c] - cost[other, other_target]
+        else:
+            continue
+        if delta < best:
+            best, rival = delta, other
+    return best, rival

@@ -13,18 +13,20 @@ EXIT_OK, EXIT_BAD_INPUT, EXIT_USAGE, EXIT_UNRESOLVED, EXIT_INTERRUPTED = 0, 1, 2
 
 KNOWN_MAPPINGS = Path(__file__).resolve().parent.parent / "known_mappings"
 
-EPILOG = f"""\b
+EPILOG = """\b
 Exit codes:
-  0  converted (or checked) completely
-  1  bad input: unreadable checkpoint, unknown class, bad config or mapping file
+  0  complete: every source and target tensor is accounted for (and OUT written with --save)
+  1  bad input: unreadable checkpoint, unknown class, bad config or mapping file (one line on stderr)
   2  usage error
-  3  the mapping leaves target or source tensors unaccounted for (nothing written)
+  3  unresolved or unmatched tensors remain (listed; nothing written unless --allow-partial)
   130 interrupted (nothing written)
 
 \b
 Examples:
-  match siglip.npz --target SiglipModel --config cfg.json --mapping siglip --save out/
-  match vit.pth --target ViTModel --config cfg.json --mapping my.yaml --json
+  match siglip.npz --target SiglipModel                      # infer config and mapping, show the table
+  match siglip.npz --target SiglipModel --save out/          # ... and write out/ for from_pretrained
+  match vit.pth --target ViTModel --config cfg.json --json   # machine-readable report
+  match ckpt.pt --target CLIPModel --mapping clip --save out # apply a known mapping (pins its rules)
 """
 
 
@@ -46,36 +48,47 @@ def _raise_interrupt(signum, frame):
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("--target", "target_class", required=True, metavar="CLASS", help="transformers model class to convert into, e.g. SiglipModel.")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), metavar="PATH", help="Target config: a config.json file or a directory holding one.")
-@click.option("--mapping", "mapping_name", metavar="FILE|NAME", help="Mapping to apply: a YAML/JSON file, or the name of a known mapping (e.g. siglip, clip, vit).")
-@click.option("--save", "out", type=click.Path(path_type=Path), metavar="OUT", help="Write OUT/ (config.json, model.safetensors, mapping.yaml), loadable with CLASS.from_pretrained(OUT).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), metavar="PATH",
+              help="Target config (config.json or a directory holding one). Default: inferred from the checkpoint's shapes; the report says which fields were inferred and which defaulted.")
+@click.option("--mapping", "mapping_name", metavar="FILE|NAME",
+              help="Rules to pin: a YAML/JSON mapping file or a known mapping name (siglip, clip, vit, ...). The matcher infers whatever the file leaves open; its dropped/initialised declarations are honoured.")
+@click.option("--save", "out", type=click.Path(path_type=Path), metavar="OUT",
+              help="Write OUT/ (config.json, model.safetensors, mapping.yaml), loadable with CLASS.from_pretrained(OUT). Written to a temporary directory and renamed when complete.")
+@click.option("--mapping-out", type=click.Path(path_type=Path), metavar="FILE", help="Write the mapping (inferred and pinned rules) to FILE (.yaml or .json), complete or not.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report instead of the table.")
+@click.option("--yes", "-y", is_flag=True, help="Never ask questions (also the behaviour when stdin is not a terminal); unresolved items give exit 3.")
+@click.option("--allow-partial", is_flag=True, help="With --save, write what is decided even if items remain unresolved (exit code is still 3).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (otherwise an existing OUT is an error).")
 @click.option("--no-verify", is_flag=True, help="Skip loading the written model back with from_pretrained.")
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report instead of the table.")
-@click.option("--mapping-out", type=click.Path(path_type=Path), metavar="FILE", help="Also write the mapping used to FILE (.yaml or .json).")
-def main(src, target_class, config_path, mapping_name, out, force, no_verify, as_json, mapping_out):
-    """Convert the checkpoint SRC into the transformers class CLASS.
+def main(src, target_class, config_path, mapping_name, out, mapping_out, as_json, yes, allow_partial, force, no_verify):
+    """Convert the checkpoint SRC into the transformers class CLASS, inferring the mapping.
 
-    SRC may be an .npz (big_vision), a PyTorch .pt/.pth/.bin, a flax msgpack checkpoint,
-    a .safetensors file or a save_pretrained directory; the format is detected from the
-    file's content. The mapping says which target tensor comes from which source
-    tensor(s) and through which ops; every source and target tensor must be accounted
-    for, or nothing is written.
+    SRC may be a big_vision .npz, a PyTorch .pt/.pth/.bin, a flax msgpack checkpoint, a
+    .safetensors file or a save_pretrained directory; the format is detected from the
+    content. The matcher pairs every target parameter with its source tensor(s) and the
+    ops between them (rename, transpose, conv layout, head reshapes, q/k/v split and
+    concat) from shapes, names and structure, and prints each pair with its confidence.
+    Anything it cannot decide is listed, never guessed; every source and target tensor is
+    accounted for before anything is written.
     """
-    from . import report
     from .errors import MatcherError
 
-    if mapping_name is None:
-        raise click.UsageError("--mapping is required: automatic matching is not available yet (known mappings: "
-                               + ", ".join(sorted(p.stem for p in KNOWN_MAPPINGS.glob("*.yaml"))) + ")")
-    if config_path is None:
-        raise click.UsageError("--config is required: inferring the target config from the checkpoint is not available yet")
-    mapping_path = _resolve_mapping(mapping_name)
+    mapping_path = _resolve_mapping(mapping_name) if mapping_name else None
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        result = report.run(src, target_class, config_path, mapping_path, out, force=force, verify=not no_verify, show_progress=not as_json)
+        from . import report as reporting
+        from .api import match, save
+
+        result = match(src, target_class, config=config_path, mapping=mapping_path)
         if mapping_out:
             result.mapping.save(mapping_out)
+        saved = None
+        if out is not None and (result.complete or allow_partial):
+            from .convert import make_plan
+
+            total = sum(o.nbytes for o in make_plan(result.source, result.target.tree, result.mapping).outputs)
+            with reporting.progress_bar(total, enabled=not as_json) as advance:
+                saved = save(result, out, force=force, verify=not no_verify, allow_partial=allow_partial, progress=advance)
     except MatcherError as exc:
         click.echo(f"error: {exc.line()}", err=True)
         sys.exit(EXIT_BAD_INPUT)
@@ -83,9 +96,9 @@ def main(src, target_class, config_path, mapping_name, out, force, no_verify, as
         click.echo("interrupted: nothing was written", err=True)
         sys.exit(EXIT_INTERRUPTED)
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        click.echo(json.dumps(reporting.to_json(result, str(saved) if saved else None), indent=2))
     else:
-        report.render(result)
+        reporting.render(result, str(saved) if saved else None)
     sys.exit(EXIT_OK if result.complete else EXIT_UNRESOLVED)
 
 

@@ -1,69 +1,35 @@
-"""What a run found and did, as a rich table for people and a JSON object for programs."""
+"""Showing a MatchReport: a rich table for people, a JSON object for programs, a progress bar."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+import sys
 from typing import Any
 
-from .convert import Plan, make_plan, save_plan
-from .mapping import Mapping
-from .sources import open_tree
-from .targets import build_target
-from .tree import ParamTree
+from .solve import MatchReport
 
 
-@dataclass
-class RunResult:
-    source: ParamTree
-    target_class: str
-    mapping: Mapping
-    plan: Plan
-    saved: Path | None = None
-
-    @property
-    def complete(self) -> bool:
-        return self.plan.expansion.complete
-
-    def to_dict(self) -> dict[str, Any]:
-        expansion = self.plan.expansion
-        return {
-            "source": self.source.origin,
-            "source_format": self.source.format,
-            "target_class": self.target_class,
-            "complete": self.complete,
-            "saved": str(self.saved) if self.saved else None,
-            "tensors": [
-                {"target": rule.target, "sources": list(rule.sources), "ops": [op.to_dict() for op in rule.ops]}
-                for rule in expansion.rules
-            ],
-            "initialised": expansion.initialised,
-            "dropped": expansion.dropped,
-            "unmapped_targets": expansion.unmapped_targets,
-            "unused_sources": expansion.unused_sources,
-            "problems": expansion.problems,
-        }
+def to_json(report: MatchReport, saved: str | None = None) -> dict[str, Any]:
+    data = report.to_dict()
+    data = {
+        "source": report.source.origin if report.source else None,
+        "source_format": report.source.format if report.source else None,
+        "target_class": report.target.class_name if report.target else None,
+        **data,
+        "config": [_field_dict(f) for f in report.config_fields],
+        "saved": saved,
+    }
+    return data
 
 
-def run(src, target_class: str, config, mapping_path, out=None, *, force=False, verify=True, show_progress=True) -> RunResult:
-    source = open_tree(src)
-    target = build_target(target_class, config)
-    mapping = Mapping.load(mapping_path)
-    plan = make_plan(source, target.tree, mapping)
-    result = RunResult(source, target.class_name, mapping, plan)
-    if out is not None and result.complete:
-        with _progress(plan, enabled=show_progress) as advance:
-            result.saved = save_plan(plan, source, target, mapping, out, force=force, verify=verify, progress=advance)
-    return result
+def _field_dict(field: Any) -> dict:
+    return {"field": field.path, "value": field.value, "how": field.how, "evidence": field.evidence}
 
 
-class _progress:
+class progress_bar:
     """A rich progress bar over bytes written, on stderr, only for terminals."""
 
-    def __init__(self, plan: Plan, enabled: bool):
-        import sys
-
-        self.total = sum(o.nbytes for o in plan.outputs)
+    def __init__(self, total_bytes: int, enabled: bool = True):
+        self.total = total_bytes
         self.enabled = enabled and sys.stderr.isatty()
         self.bar = None
 
@@ -84,33 +50,47 @@ class _progress:
         return False
 
 
-def _ops_text(rule) -> str:
-    return " | ".join(str(op) for op in rule.ops) or "rename"
-
-
-def render(result: RunResult) -> None:
+def render(report: MatchReport, saved: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    expansion = result.plan.expansion
-    table = Table(title=f"{result.source.origin} -> {result.target_class}", show_lines=False)
-    table.add_column("target")
-    table.add_column("source")
-    table.add_column("transform")
-    for rule in expansion.rules:
-        table.add_row(rule.target, "\n".join(rule.sources), _ops_text(rule))
+    title = f"{report.source.origin if report.source else 'source'} -> {report.target.class_name if report.target else 'target'}"
+    table = Table(title=title)
+    for column in ("target", "source", "transform"):
+        table.add_column(column, overflow="fold")
+    table.add_column("confidence", justify="right")
+    for decision in report.decisions:
+        rule = decision.rule
+        table.add_row(rule.target, "\n".join(rule.sources), " | ".join(map(str, rule.ops)) or "rename", f"{decision.confidence:.2f}")
     console.print(table)
-    console.print(
-        f"{len(expansion.rules)} target tensors from {len(result.source)} source tensors; "
-        f"{len(expansion.initialised)} left to the model's initialisation, {len(expansion.dropped)} source tensors dropped on purpose."
-    )
-    for title, items in (("problems", expansion.problems), ("target tensors with no rule", expansion.unmapped_targets), ("source tensors no rule reads", expansion.unused_sources)):
+    inferred = [f for f in report.config_fields if f.how == "inferred"]
+    if report.config_fields:
+        console.print(
+            f"config: {len(inferred)} fields inferred from shapes ("
+            + ", ".join(f"{f.path}={f.value}" for f in inferred)
+            + f"); {len(report.config_fields) - len(inferred)} left at defaults",
+            markup=False,
+        )
+    console.print(f"{len(report.decisions)} rules; layout conventions: "
+                  + (", ".join(f"{k}: {'transpose' if v else 'as is'}" for k, v in sorted(report.conventions.items())) or "none needed"),
+                  markup=False)
+    if report.unresolved:
+        console.print(f"[bold red]{len(report.unresolved)} unresolved:[/]")
+        for item in report.unresolved:
+            console.print(f"  {item.target}: {item.reason}", markup=False)
+            for candidate in item.candidates:
+                console.print(f"      candidate: {candidate}", markup=False)
+    for title, items in (("target tensors with no source", report.unmatched_targets), ("source tensors with no target", report.unused_sources)):
         if items:
             console.print(f"[bold red]{len(items)} {title}:[/]")
-            for item in items:
+            for item in items[:50]:
                 console.print(f"  {item}", markup=False)
-    if result.saved:
-        console.print(f"saved to {result.saved} (loads with {result.target_class}.from_pretrained)")
-    elif not result.complete:
-        console.print("[bold red]nothing written:[/] the mapping does not account for every tensor")
+            if len(items) > 50:
+                console.print(f"  ... and {len(items) - 50} more")
+    if saved:
+        console.print(f"saved to {saved} (loads with {report.target.class_name}.from_pretrained)", markup=False)
+    elif not report.complete:
+        console.print("[bold red]not complete:[/] nothing written (see above; --allow-partial writes what is decided)")
+    else:
+        console.print("complete: every source and target tensor is accounted for")

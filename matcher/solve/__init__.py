@@ -65,6 +65,12 @@ class MatchReport:
     def complete(self) -> bool:
         return not (self.unresolved or self.unmatched_targets or self.unused_sources)
 
+    def save(self, out, **options):
+        """Write the converted model to ``out`` (see ``matcher.api.save``)."""
+        from ..api import save
+
+        return save(self, out, **options)
+
     def to_dict(self) -> dict:
         return {
             "complete": self.complete,

@@ -1,0 +1,116 @@
+"""The Python API, mirroring the CLI: ``match(source, target_class, config=None, mapping=None)``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import MatcherError
+from .mapping import Declared, Mapping
+from .solve import Decision, MatchReport, Unresolved, match_trees
+from .tree import ParamTree
+
+
+def _source_tree(source: Any) -> ParamTree:
+    if isinstance(source, ParamTree):
+        return source
+    from .sources import open_tree
+
+    return open_tree(source)
+
+
+def _mapping(mapping: Any) -> Mapping | None:
+    if mapping is None or isinstance(mapping, Mapping):
+        return mapping
+    return Mapping.load(mapping)
+
+
+def match(
+    source: str | os.PathLike | ParamTree,
+    target_class: str | type,
+    config: Any = None,
+    mapping: Mapping | str | os.PathLike | None = None,
+) -> MatchReport:
+    """Infer the mapping from ``source`` to ``target_class``.
+
+    ``config``: a config object, a config.json path or a directory; when None it is
+    inferred from the source's shapes and ``report.config_fields`` says how.
+    ``mapping``: rules to pin; the matcher infers the rest. Its ``dropped`` and
+    ``initialised`` declarations are honoured.
+    """
+    from .targets import build_target, resolve_class
+
+    tree = _source_tree(source)
+    model_class = resolve_class(target_class) if isinstance(target_class, str) else target_class
+    config_fields: list[Any] = []
+    if config is None:
+        from .config_infer import infer_config
+
+        inferred = infer_config(model_class, tree)
+        config, config_fields = inferred.config, inferred.fields
+    target = build_target(model_class, config)
+    pinned = _mapping(mapping)
+    report = _match_with_pins(tree, target.tree, pinned) if pinned else match_trees(tree, target.tree)
+    report.source, report.target, report.config_fields = tree, target, config_fields
+    return report
+
+
+def _subtree(tree: ParamTree, keep: set[str]) -> ParamTree:
+    return ParamTree({k: s for k, s in tree.specs.items() if k in keep}, tree.loader, tree.origin, tree.format, tree.info)
+
+
+def _match_with_pins(source: ParamTree, target: ParamTree, pinned: Mapping) -> MatchReport:
+    """Pinned rules first; the matcher solves what they leave; declarations are honoured."""
+    expansion = pinned.expand(source.keys(), target.keys())
+    read = {s for rule in expansion.rules for s in rule.sources} | set(expansion.dropped)
+    written = {rule.target for rule in expansion.rules} | set(expansion.initialised)
+    rest_source = _subtree(source, set(source.keys()) - read)
+    rest_target = _subtree(target, set(target.keys()) - written)
+    inferred = match_trees(rest_source, rest_target)
+    pinned_targets = {rule.target for rule in pinned.rules}
+    decisions = [Decision(rule, 1.0, ["given in the mapping file"]) for rule in pinned.rules]
+    decisions += [d for d in inferred.decisions if d.rule.target not in pinned_targets]
+    unresolved = [Unresolved(p.split(":")[0], [], p.split(":", 1)[-1].strip()) for p in expansion.problems]
+    mapping = Mapping(
+        tuple(d.rule for d in decisions),
+        dropped=pinned.dropped,
+        initialised=pinned.initialised,
+        meta=dict(pinned.meta, description=pinned.meta.get("description", "given rules completed by matcher")),
+    )
+    return replace(
+        inferred,
+        mapping=mapping,
+        decisions=decisions,
+        unresolved=unresolved + inferred.unresolved,
+    )
+
+
+def save(
+    report: MatchReport,
+    out: str | os.PathLike,
+    *,
+    force: bool = False,
+    verify: bool = True,
+    allow_partial: bool = False,
+    progress: Callable | None = None,
+) -> Path:
+    """Write ``report``'s mapping applied to its source as a from_pretrained-loadable directory."""
+    from .convert import make_plan, save_plan
+
+    if report.source is None or report.target is None:
+        raise MatcherError("this report has no source or target attached; use matcher.match()")
+    mapping = report.mapping
+    if not report.complete:
+        if not allow_partial:
+            raise MatcherError("the mapping is incomplete (unresolved or unmatched tensors); nothing written")
+        expansion = mapping.expand(report.source.keys(), report.target.tree.keys())
+        mapping = replace(
+            mapping,
+            dropped=mapping.dropped + tuple(Declared(k, "not used (partial save)") for k in expansion.unused_sources),
+            initialised=mapping.initialised + tuple(Declared(k, "not written (partial save)") for k in expansion.unmapped_targets),
+        )
+    plan = make_plan(report.source, report.target.tree, mapping)
+    return save_plan(plan, report.source, report.target, mapping, out, force=force, verify=verify, progress=progress)
+

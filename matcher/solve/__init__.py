@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from ..mapping import Mapping, Rule
-from ..ops import Chunk, Concat
+from ..ops import Chunk, Concat, Select
 from ..tree import ParamTree, natural_key
 from .assign import INFEASIBLE, Ambiguity, Item, Pair, ScopeResult, orientation_key, solve_scope
-from .blocks import Block, Units, ancestors, find_blocks
+from .blocks import Block, Units, ancestors, find_blocks, find_stacked
 from .chains import chains_between
 from .names import describe_names, similarity
 
@@ -88,7 +88,7 @@ class MatchReport:
 
 
 def _block_items(block: Block) -> list[Item]:
-    return [Item(block.template(suffix), suffix.lstrip("/."), spec.shape) for suffix, spec in block.leaves.items()]
+    return [Item(block.template(suffix), suffix.lstrip("/."), spec.shape, stacked=block.stacked) for suffix, spec in block.leaves.items()]
 
 
 def _single_items(specs: dict) -> list[Item]:
@@ -106,7 +106,7 @@ class BlockMatch:
 
 
 def _block_cost(source: Block, target: Block, result: ScopeResult, prefix_similarity: float) -> float:
-    if source.indices != target.indices:
+    if source.indices != target.indices and not source.stacked:
         return INFEASIBLE
     covered = len(result.pairs) + len(result.ambiguous)
     total = covered + len(result.unmatched_targets)
@@ -186,18 +186,12 @@ def _solve(source: Units, target: Units, conventions: dict[str, bool]):
     used_target = {id(m.target) for m in matches}
     source_singles = dict(source.singles)
     target_singles = dict(target.singles)
-    source_tree_specs = {}
     for block in source.blocks:
         if id(block) not in used_source:
-            for suffix, spec in block.leaves.items():
-                for index in block.indices:
-                    source_tree_specs[block.key(suffix, index)] = spec
-    source_singles.update(source_tree_specs)
+            source_singles.update(block.instance_keys())
     for block in target.blocks:
         if id(block) not in used_target:
-            for suffix, spec in block.leaves.items():
-                for index in block.indices:
-                    target_singles[block.key(suffix, index)] = spec
+            target_singles.update(block.instance_keys())
     singles = solve_scope(_single_items(source_singles), _single_items(target_singles), conventions, _tower_affinity(matches))
     return matches, singles
 
@@ -213,6 +207,7 @@ def _confidence(pair: Pair) -> float:
 def match_trees(source: ParamTree, target: ParamTree) -> MatchReport:
     """Infer the mapping from ``source`` to ``target`` (trees of shapes; no data is read)."""
     source_units, target_units = find_blocks(source), find_blocks(target)
+    source_units = find_stacked(source_units, {b.count for b in target_units.blocks})
     matches, singles = _solve(source_units, target_units, {})
     conventions = _learn_conventions(_all_pairs(matches, singles))
     matches, singles = _solve(source_units, target_units, conventions)
@@ -250,9 +245,11 @@ def _report(source: ParamTree, target: ParamTree, matches, singles, conventions)
             if pair.target.part is not None:
                 fused_targets[pair.target.template].append(pair)
                 continue
-            ops = pair.chain.ops
+            ops = tuple(pair.chain.ops)
             if pair.source.part is not None:
-                ops = (Chunk(axis=0, index=pair.source.part, parts=pair.source.parts),) + tuple(ops)
+                ops = (Chunk(axis=0, index=pair.source.part, parts=pair.source.parts),) + ops
+            if pair.source.stacked:
+                ops = (Select(axis=0, index="{i}"),) + ops
             rule = Rule(pair.target.template, (pair.source.template,), tuple(ops))
             decisions.append(Decision(rule, _confidence(pair), pair.reasons + [f"margin {pair.margin:.2f}"]))
     for template, parts in fused_targets.items():
@@ -261,7 +258,8 @@ def _report(source: ParamTree, target: ParamTree, matches, singles, conventions)
         if len(parts) != parts[0].target.parts or len(chains) != 1:
             unresolved.append(Unresolved(template, [p.source.label for p in parts], "the parts of this fused tensor were not all matched alike"))
             continue
-        rule = Rule(template, tuple(p.source.template for p in parts), tuple(parts[0].chain.ops) + (Concat(0),))
+        select = (Select(axis=0, index="{i}"),) if parts[0].source.stacked else ()
+        rule = Rule(template, tuple(p.source.template for p in parts), select + tuple(parts[0].chain.ops) + (Concat(0),))
         decisions.append(Decision(rule, min(_confidence(p) for p in parts), ["concatenation of " + ", ".join(p.source.label for p in parts)]))
     decisions.sort(key=lambda d: natural_key(d.rule.target))
     for decision in decisions:

@@ -28,6 +28,7 @@ class Item:
     part: int | None = None
     parts: int | None = None
     role: str | None = None
+    stacked: bool = False  # one layer of a scanned stack: select index {i} on axis 0 first
 
     @property
     def label(self) -> str:
@@ -80,7 +81,7 @@ def split_fused(items: Sequence[Item], other_side: Sequence[Item]) -> list[Item]
         if roles and roles not in other_fused and item.shape and item.shape[0] % len(roles) == 0:
             part_shape = (item.shape[0] // len(roles),) + tuple(item.shape[1:])
             for index, role in enumerate(roles):
-                result.append(Item(item.template, item.name, part_shape, index, len(roles), role))
+                result.append(Item(item.template, item.name, part_shape, index, len(roles), role, item.stacked))
         else:
             result.append(item)
     return result

@@ -24,6 +24,7 @@ class Block:
     indices: list[int]
     leaves: dict[str, TensorSpec]  # relative suffix (with its leading separator) -> spec of instance 0
     keys: set[str] = field(default_factory=set)
+    stacked: bool = False  # scanned layers: one tensor per leaf, layers on a leading axis
 
     @property
     def count(self) -> int:
@@ -34,6 +35,12 @@ class Block:
 
     def template(self, suffix: str) -> str:
         return self.prefix + suffix
+
+    def instance_keys(self) -> dict[str, TensorSpec]:
+        """Every concrete key of the block with its own spec."""
+        if self.stacked:
+            return {self.prefix + suffix: TensorSpec(self.prefix + suffix, (self.count,) + spec.shape, spec.dtype) for suffix, spec in self.leaves.items()}
+        return {self.key(suffix, index): spec for suffix, spec in self.leaves.items() for index in self.indices}
 
 
 @dataclass
@@ -82,6 +89,41 @@ def find_blocks(tree: ParamTree) -> Units:
             block.leaves[suffix] = spec
     ordered = sorted(blocks.values(), key=lambda b: natural_key(b.prefix))
     return Units(ordered, singles)
+
+
+def find_stacked(units: Units, counts: set[int]) -> Units:
+    """Scanned layers: an ancestor under which every tensor has the same leading size L,
+    where L is a block count of the other side, becomes one block of L stacked layers.
+    Numbered groups inside it (LayerNorm_0, LayerNorm_1 of the scanned layer) dissolve."""
+    specs: dict[str, TensorSpec] = dict(units.singles)
+    owner: dict[str, Block] = {}
+    for block in units.blocks:
+        for key, spec in block.instance_keys().items():
+            specs[key] = spec
+            owner[key] = block
+    by_ancestor: dict[str, list[str]] = defaultdict(list)
+    for key in specs:
+        for anc in ancestors(key):
+            by_ancestor[anc].append(key)
+    chosen: dict[str, int] = {}
+    for anc in sorted(by_ancestor, key=len):  # shallowest first
+        keys = by_ancestor[anc]
+        if any(anc.startswith(c) for c in chosen) or len(keys) < 2:
+            continue
+        if any(k in owner and not owner[k].prefix.startswith(anc) for k in keys):
+            continue  # inside one instance of a numbered block
+        leading = {specs[k].shape[0] if specs[k].shape else None for k in keys}
+        if len(leading) == 1 and next(iter(leading)) in counts:
+            chosen[anc] = next(iter(leading))
+    if not chosen:
+        return units
+    taken = {k for anc in chosen for k in by_ancestor[anc]}
+    singles = {k: v for k, v in units.singles.items() if k not in taken}
+    blocks = [b for b in units.blocks if not (b.keys & taken)]
+    for anc, count in chosen.items():
+        leaves = {key[len(anc):]: TensorSpec(key, specs[key].shape[1:], specs[key].dtype) for key in by_ancestor[anc]}
+        blocks.append(Block(anc, list(range(count)), leaves, set(by_ancestor[anc]), stacked=True))
+    return Units(blocks, singles)
 
 
 def ancestors(path: str) -> list[str]:

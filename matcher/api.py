@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from .errors import MatcherError
 from .mapping import Declared, Mapping
@@ -32,6 +32,8 @@ def match(
     target_class: str | type,
     config: Any = None,
     mapping: Mapping | str | os.PathLike | None = None,
+    allow_drop: Sequence[str] = (),
+    allow_init: Sequence[str] = (),
 ) -> MatchReport:
     """Infer the mapping from ``source`` to ``target_class``.
 
@@ -39,6 +41,9 @@ def match(
     inferred from the source's shapes and ``report.config_fields`` says how.
     ``mapping``: rules to pin; the matcher infers the rest. Its ``dropped`` and
     ``initialised`` declarations are honoured.
+    ``allow_drop`` / ``allow_init``: patterns (``*`` and ``{i}`` allowed) of source tensors
+    that may go unused and target parameters that may keep their initialisation; anything
+    else left over keeps the report incomplete.
     """
     from .targets import build_target, resolve_class
 
@@ -54,7 +59,28 @@ def match(
     pinned = _mapping(mapping)
     report = _match_with_pins(tree, target.tree, pinned) if pinned else match_trees(tree, target.tree)
     report.source, report.target, report.config_fields = tree, target, config_fields
-    return report
+    return allow_leftovers(report, allow_drop, allow_init)
+
+
+def allow_leftovers(report: MatchReport, allow_drop: Sequence[str] = (), allow_init: Sequence[str] = ()) -> MatchReport:
+    """Declare the unused sources and unmatched targets that the given patterns name."""
+    drop = [Declared(p, "allowed by --allow-drop") for p in allow_drop]
+    init = [Declared(p, "allowed by --allow-init") for p in allow_init]
+    dropped = [k for k in report.unused_sources if any(d.matches(k) for d in drop)]
+    initialised = [k for k in report.unmatched_targets if any(d.matches(k) for d in init)]
+    if not dropped and not initialised:
+        return report
+    used_drop = tuple(d for d in drop if any(d.matches(k) for k in dropped))
+    used_init = tuple(d for d in init if any(d.matches(k) for k in initialised))
+    mapping = replace(report.mapping, dropped=report.mapping.dropped + used_drop, initialised=report.mapping.initialised + used_init)
+    return replace(
+        report,
+        mapping=mapping,
+        unused_sources=[k for k in report.unused_sources if k not in set(dropped)],
+        unmatched_targets=[k for k in report.unmatched_targets if k not in set(initialised)],
+        dropped=report.dropped + dropped,
+        initialised=report.initialised + initialised,
+    )
 
 
 def _subtree(tree: ParamTree, keep: set[str]) -> ParamTree:
@@ -84,6 +110,8 @@ def _match_with_pins(source: ParamTree, target: ParamTree, pinned: Mapping) -> M
         mapping=mapping,
         decisions=decisions,
         unresolved=unresolved + inferred.unresolved,
+        dropped=list(expansion.dropped),
+        initialised=list(expansion.initialised),
     )
 
 

@@ -54,13 +54,17 @@ def _raise_interrupt(signum, frame):
               help="Rules to pin: a YAML/JSON mapping file or a known mapping name (siglip, clip, vit, ...). The matcher infers whatever the file leaves open; its dropped/initialised declarations are honoured.")
 @click.option("--save", "out", type=click.Path(path_type=Path), metavar="OUT",
               help="Write OUT/ (config.json, model.safetensors, mapping.yaml), loadable with CLASS.from_pretrained(OUT). Written to a temporary directory and renamed when complete.")
+@click.option("--allow-drop", multiple=True, metavar="PATTERN",
+              help="Source tensors matching PATTERN may stay unused (repeatable; '*' and '{i}' allowed), e.g. 'optimizer/*'.")
+@click.option("--allow-init", multiple=True, metavar="PATTERN",
+              help="Target parameters matching PATTERN may keep the model's initialisation (repeatable), e.g. 'pooler.*'.")
 @click.option("--mapping-out", type=click.Path(path_type=Path), metavar="FILE", help="Write the mapping (inferred and pinned rules) to FILE (.yaml or .json), complete or not.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report instead of the table.")
 @click.option("--yes", "-y", is_flag=True, help="Never ask questions (also the behaviour when stdin is not a terminal); unresolved items give exit 3.")
 @click.option("--allow-partial", is_flag=True, help="With --save, write what is decided even if items remain unresolved (exit code is still 3).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (otherwise an existing OUT is an error).")
 @click.option("--no-verify", is_flag=True, help="Skip loading the written model back with from_pretrained.")
-def main(src, target_class, config_path, mapping_name, out, mapping_out, as_json, yes, allow_partial, force, no_verify):
+def main(src, target_class, config_path, mapping_name, out, allow_drop, allow_init, mapping_out, as_json, yes, allow_partial, force, no_verify):
     """Convert the checkpoint SRC into the transformers class CLASS, inferring the mapping.
 
     SRC may be a big_vision .npz, a PyTorch .pt/.pth/.bin, a flax msgpack checkpoint, a
@@ -79,7 +83,7 @@ def main(src, target_class, config_path, mapping_name, out, mapping_out, as_json
         from . import report as reporting
         from .api import match, save
 
-        result = match(src, target_class, config=config_path, mapping=mapping_path)
+        result = match(src, target_class, config=config_path, mapping=mapping_path, allow_drop=allow_drop, allow_init=allow_init)
         if mapping_out:
             result.mapping.save(mapping_out)
         saved = None

@@ -75,6 +75,8 @@ def render(report: MatchReport, saved: str | None = None) -> None:
     console.print(f"{len(report.decisions)} rules; layout conventions: "
                   + (", ".join(f"{k}: {'transpose' if v else 'as is'}" for k, v in sorted(report.conventions.items())) or "none needed"),
                   markup=False)
+    if report.dropped or report.initialised:
+        console.print(f"{len(report.dropped)} source tensors dropped and {len(report.initialised)} target parameters left to initialisation, as declared")
     if report.unresolved:
         console.print(f"[bold red]{len(report.unresolved)} unresolved:[/]")
         for item in report.unresolved:

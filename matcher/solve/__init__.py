@@ -26,7 +26,7 @@ from ..tree import ParamTree, natural_key
 from .assign import INFEASIBLE, Ambiguity, Item, Pair, ScopeResult, orientation_key, solve_scope
 from .blocks import Block, Units, ancestors, find_blocks, find_stacked
 from .chains import chains_between
-from .names import describe_names, similarity
+from .names import describe_names, is_training_state, similarity
 
 CONVENTION_AGREEMENT = 0.8
 TOWER_BONUS = -0.3
@@ -60,6 +60,8 @@ class MatchReport:
     config_fields: list[Any] = field(default_factory=list)
     source: ParamTree | None = None
     target: Any = None
+    dropped: list[str] = field(default_factory=list)  # unused on purpose (declared or allowed)
+    initialised: list[str] = field(default_factory=list)  # left to the model's initialisation on purpose
 
     @property
     def complete(self) -> bool:
@@ -80,6 +82,8 @@ class MatchReport:
             "unresolved": [{"target": u.target, "candidates": u.candidates, "reason": u.reason} for u in self.unresolved],
             "unmatched_targets": self.unmatched_targets,
             "unused_sources": self.unused_sources,
+            "dropped": self.dropped,
+            "initialised": self.initialised,
             "conventions": {k: ("transpose" if v else "as is") for k, v in sorted(self.conventions.items())},
         }
 
@@ -206,7 +210,9 @@ def _confidence(pair: Pair) -> float:
 
 def match_trees(source: ParamTree, target: ParamTree) -> MatchReport:
     """Infer the mapping from ``source`` to ``target`` (trees of shapes; no data is read)."""
-    source_units, target_units = find_blocks(source), find_blocks(target)
+    parameters = {k: s for k, s in source.specs.items() if not is_training_state(k)}
+    source_units = find_blocks(ParamTree(parameters, source.loader, source.origin, source.format))
+    target_units = find_blocks(target)
     source_units = find_stacked(source_units, {b.count for b in target_units.blocks})
     matches, singles = _solve(source_units, target_units, {})
     conventions = _learn_conventions(_all_pairs(matches, singles))
@@ -236,10 +242,11 @@ def _report(source: ParamTree, target: ParamTree, matches, singles, conventions)
     scopes = [m.result for m in matches] + [singles]
     for scope in scopes:
         for ambiguity in scope.ambiguous:
-            unresolved.append(Unresolved(ambiguity.target.label, [f"{item.label} (cost {c:.2f})" for item, c in ambiguity.candidates], ambiguity.reason))
+            part = f" (its {ambiguity.target.role} part)" if ambiguity.target.role else ""
+            unresolved.append(Unresolved(ambiguity.target.template, [f"{item.label} (cost {c:.2f})" for item, c in ambiguity.candidates], ambiguity.reason + part))
         for pair in scope.pairs:
             if pair.orientation_open:
-                unresolved.append(Unresolved(pair.target.label, [f"{pair.source.label} as is", f"{pair.source.label} transposed"],
+                unresolved.append(Unresolved(pair.target.template, [f"{pair.source.label} as is", f"{pair.source.label} transposed"],
                                              f"square matrix and no layout convention for '{orientation_key(pair.source)}' tensors"))
                 continue
             if pair.target.part is not None:

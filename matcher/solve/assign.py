@@ -16,6 +16,7 @@ from .names import NameInfo, describe_names, fused_parts, segments, similarity
 INFEASIBLE = 1e6
 AMBIGUITY_MARGIN = 0.03
 CONTRADICTS_CONVENTION = 0.6
+MIN_NAME_SIMILARITY = 0.25  # below this, names share nothing: a fitting shape alone is no evidence
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,14 @@ class ScopeResult:
 
 
 def orientation_key(item: Item) -> str:
-    """What a layout convention is keyed on: the last word of the tensor's name
-    (flax ``kernel``, torch ``weight``, ``proj``, ``embedding``...)."""
-    last = segments(item.template)[-1].lower()
-    return last.rsplit("_", 1)[-1]
+    """What a layout convention is keyed on: the last word of the tensor's name (flax
+    ``kernel``, torch ``weight``), or its role when that is more than weight/bias (CLIP's
+    ``visual.proj`` and ``text_projection`` are both projections stored (in, out))."""
+    from .names import synonyms
+
+    last = segments(item.template)[-1].lower().rsplit("_", 1)[-1]
+    role = synonyms().role_of.get(last)
+    return role if role not in (None, "weight", "bias") else last
 
 
 def split_fused(items: Sequence[Item], other_side: Sequence[Item]) -> list[Item]:
@@ -133,6 +138,8 @@ def solve_scope(
                 continue
             allowed, penalty, open_orientation = _allowed(chains, conventions.get(orientation_key(source)))
             name_similarity = similarity(source_infos[r], target_infos[c])
+            if name_similarity < MIN_NAME_SIMILARITY:
+                continue
             value = (1.0 - name_similarity) + penalty + (affinity(source, target) if affinity else 0.0)
             cost[r, c] = value
             options[(r, c)] = (allowed, open_orientation, name_similarity)

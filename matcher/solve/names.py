@@ -29,6 +29,7 @@ class Synonyms:
     role_of: dict[str, str]
     fused: dict[str, tuple[str, ...]]
     ordinals: dict[str, int]
+    not_parameters: frozenset[str]
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,7 +37,7 @@ def synonyms(path: Path = SYNONYMS_FILE) -> Synonyms:
     import yaml
 
     data = yaml.safe_load(path.read_text())
-    unknown = set(data) - {"roles", "fused", "ordinals"}
+    unknown = set(data) - {"roles", "fused", "ordinals", "not_parameters"}
     if unknown:
         raise MatcherError(f"unknown section(s) {sorted(unknown)}", path=str(path))
     role_of: dict[str, str] = {}
@@ -48,7 +49,14 @@ def synonyms(path: Path = SYNONYMS_FILE) -> Synonyms:
             role_of[spelling] = role
     fused = {k.lower(): tuple(v) for k, v in data.get("fused", {}).items()}
     ordinals = {k.lower(): int(v) for k, v in data.get("ordinals", {}).items()}
-    return Synonyms(role_of, fused, ordinals)
+    not_parameters = frozenset(str(s).lower() for s in data.get("not_parameters", []))
+    return Synonyms(role_of, fused, ordinals, not_parameters)
+
+
+def is_training_state(path: str) -> bool:
+    """True for optimizer moments and similar state stored beside the parameters."""
+    marks = synonyms().not_parameters
+    return any(segment.lower() in marks for segment in segments(path))
 
 
 def segments(path: str) -> list[str]:

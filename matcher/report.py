@@ -64,6 +64,9 @@ def render(report: MatchReport, saved: str | None = None) -> None:
         rule = decision.rule
         table.add_row(rule.target, "\n".join(rule.sources), " | ".join(map(str, rule.ops)) or "rename", f"{decision.confidence:.2f}")
     console.print(table)
+    for tower in report.towers:
+        if "layers" in tower:
+            console.print(f"block {tower['source']} -> {tower['target']} ({tower['layers']} layers{', scanned' if tower['stacked'] else ''})", markup=False)
     inferred = [f for f in report.config_fields if f.how == "inferred"]
     if report.config_fields:
         console.print(

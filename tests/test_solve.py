@@ -137,3 +137,20 @@ def test_scanned_layers_are_unstacked_with_select():
     assert from_scanned.keys() == from_plain.keys()
     for key in from_plain:
         assert np.array_equal(from_scanned[key], from_plain[key]), key
+
+
+def test_containment_graph_carries_sizes_and_the_report_names_the_towers():
+    from matcher.graph import containment_graph, subtree_params
+
+    source = specs({k: v for i in range(2) for k, v in flax_block(f"params/img/enc/block_{i}").items()}
+                   | {k: v for i in range(2) for k, v in flax_block(f"params/txt/enc/block_{i}", d=16).items()})
+    target = specs({k: v for i in range(2) for k, v in torch_layer(f"vision.layers.{i}").items()}
+                   | {k: v for i in range(2) for k, v in torch_layer(f"text.layers.{i}", d=16).items()})
+    graph = containment_graph(source)
+    assert subtree_params(graph, "params") == subtree_params(graph, "params/img") + subtree_params(graph, "params/txt")
+    assert graph.nodes["params/img/enc/block_0/LayerNorm_0"]["tensors"] == 1
+    report = match_trees(source, target)
+    assert report.complete
+    towers = {t["source"]: t["target"] for t in report.towers if "layers" not in t}
+    assert towers["params/img"] == "vision" and towers["params/txt"] == "text"
+    assert "params" not in towers  # holds both towers: no single partner

@@ -60,6 +60,7 @@ class MatchReport:
     config_fields: list[Any] = field(default_factory=list)
     source: ParamTree | None = None
     target: Any = None
+    towers: list[dict] = field(default_factory=list)  # which source subtree became which target subtree
     dropped: list[str] = field(default_factory=list)  # unused on purpose (declared or allowed)
     initialised: list[str] = field(default_factory=list)  # left to the model's initialisation on purpose
 
@@ -84,6 +85,7 @@ class MatchReport:
             "unused_sources": self.unused_sources,
             "dropped": self.dropped,
             "initialised": self.initialised,
+            "structure": self.towers,
             "conventions": {k: ("transpose" if v else "as is") for k, v in sorted(self.conventions.items())},
         }
 
@@ -140,12 +142,30 @@ def _match_blocks(source: Units, target: Units, conventions: dict[str, bool]) ->
     return [BlockMatch(source.blocks[r], target.blocks[c], results[(r, c)]) for r, c in zip(rows, cols) if cost[r, c] < INFEASIBLE]
 
 
-def _tower_affinity(matches: list[BlockMatch]):
-    """Source subtree -> target subtree correspondences read off the paired blocks."""
-    partner: dict[str, str] = {}
+def _block_ancestors(block: Block) -> list[str]:
+    """Ancestors of a block, nearest first; a pure list container (``layers`` in
+    ``layers.{i}``) is skipped so that ``encoderblock_{i}`` and ``layers.{i}`` align."""
+    found = ancestors(block.prefix)
+    if not block.stacked and block.prefix.endswith("{i}") and block.prefix[-4] in "./":
+        found = found[1:]
+    return found
+
+
+def tower_pairs(matches: list[BlockMatch]) -> dict[str, str]:
+    """Source subtree -> target subtree, read bottom-up off the paired blocks' ancestors.
+    A subtree claimed by two different partners (a root holding both towers) is no tower."""
+    claims: dict[str, set[str]] = defaultdict(set)
+    claimed_by: dict[str, set[str]] = defaultdict(set)
     for match in matches:
-        for source_anc, target_anc in zip(ancestors(match.source.prefix), ancestors(match.target.prefix)):
-            partner.setdefault(source_anc, target_anc)
+        for source_anc, target_anc in zip(_block_ancestors(match.source), _block_ancestors(match.target)):
+            claims[source_anc].add(target_anc)
+            claimed_by[target_anc].add(source_anc)
+    return {s: next(iter(t)) for s, t in claims.items() if len(t) == 1 and len(claimed_by[next(iter(t))]) == 1}
+
+
+def _tower_affinity(matches: list[BlockMatch]):
+    """A bonus for pairs inside corresponding subtrees, a penalty across towers."""
+    partner = tower_pairs(matches)
     partners = set(partner.values())
 
     def affinity(source: Item, target: Item) -> float:
@@ -217,7 +237,24 @@ def match_trees(source: ParamTree, target: ParamTree) -> MatchReport:
     matches, singles = _solve(source_units, target_units, {})
     conventions = _learn_conventions(_all_pairs(matches, singles))
     matches, singles = _solve(source_units, target_units, conventions)
-    return _report(source, target, matches, singles, conventions)
+    report = _report(source, target, matches, singles, conventions)
+    report.towers = _towers(source, target, source_units, target_units, matches)
+    return report
+
+
+def _towers(source: ParamTree, target: ParamTree, source_units: Units, target_units: Units, matches) -> list[dict]:
+    """The subtree correspondence, with sizes from the containment graphs, for the report."""
+    from ..graph import containment_graph, subtree_params
+
+    source_graph = containment_graph(source, source_units.blocks)
+    target_graph = containment_graph(target, target_units.blocks)
+    return [
+        {"source": s, "target": t, "source_params": subtree_params(source_graph, s), "target_params": subtree_params(target_graph, t)}
+        for s, t in tower_pairs(matches).items()
+    ] + [
+        {"source": m.source.prefix, "target": m.target.prefix, "layers": m.target.count, "stacked": m.source.stacked}
+        for m in matches
+    ]
 
 
 def _report(source: ParamTree, target: ParamTree, matches, singles, conventions) -> MatchReport:

@@ -148,7 +148,7 @@ def test_containment_graph_carries_sizes_and_the_report_names_the_towers():
                    | {k: v for i in range(2) for k, v in torch_layer(f"text.layers.{i}", d=16).items()})
     graph = containment_graph(source)
     assert subtree_params(graph, "params") == subtree_params(graph, "params/img") + subtree_params(graph, "params/txt")
-    assert graph.nodes["params/img/enc/block_0/LayerNorm_0"]["tensors"] == 1
+    assert graph.nodes["params/img/enc/block_0/LayerNorm_0"]["tensors"] == 2  # scale and bias
     report = match_trees(source, target)
     assert report.complete
     towers = {t["source"]: t["target"] for t in report.towers if "layers" not in t}

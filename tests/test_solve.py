@@ -152,5 +152,5 @@ def test_containment_graph_carries_sizes_and_the_report_names_the_towers():
     report = match_trees(source, target)
     assert report.complete
     towers = {t["source"]: t["target"] for t in report.towers if "layers" not in t}
-    assert towers["params/img"] == "vision" and towers["params/txt"] == "text"
+    assert towers["params/img/enc"] == "vision" and towers["params/txt/enc"] == "text"
     assert "params" not in towers  # holds both towers: no single partner

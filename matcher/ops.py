@@ -142,13 +142,19 @@ def op_from_dict(data: Any) -> Op:
     return OPS[name]._from_args(args)
 
 
-def _axis_only(cls: type["Op"], args: Any) -> "Op":
+class AxisOnly:
     """Ops whose only argument is an axis are written ``{name: axis}``."""
-    if isinstance(args, dict) and set(args) == {"axis"}:
-        args = args["axis"]
-    if isinstance(args, bool) or not isinstance(args, int):
-        raise MappingError(f"op {cls.name} takes one integer axis, got {args!r}")
-    return cls(axis=args)
+
+    def _args(self):
+        return self.axis
+
+    @classmethod
+    def _from_args(cls, args):
+        if isinstance(args, dict) and set(args) == {"axis"}:
+            args = args["axis"]
+        if isinstance(args, bool) or not isinstance(args, int):
+            raise MappingError(f"op {cls.name} takes one integer axis, got {args!r}")
+        return cls(axis=args)
 
 
 # --------------------------------------------------------------------------- unary ops
@@ -266,7 +272,7 @@ class SplitAxis(Op):
 
 @register
 @dataclass(frozen=True)
-class Squeeze(Op):
+class Squeeze(AxisOnly, Op):
     """Drop an axis of size 1: pos-embedding (1, N, D) -> (N, D)."""
 
     name: ClassVar[str] = "squeeze"
@@ -288,17 +294,11 @@ class Squeeze(Op):
         axis = self.axis if input_shape is None else _norm_axis(self.axis, len(input_shape), self.name)
         return Unsqueeze(axis=axis)
 
-    def _args(self):
-        return self.axis
-
-    @classmethod
-    def _from_args(cls, args):
-        return _axis_only(cls, args)
 
 
 @register
 @dataclass(frozen=True)
-class Unsqueeze(Op):
+class Unsqueeze(AxisOnly, Op):
     """Insert an axis of size 1 before ``axis``: (N, D) -> (1, N, D)."""
 
     name: ClassVar[str] = "unsqueeze"
@@ -317,12 +317,6 @@ class Unsqueeze(Op):
         axis = self.axis if input_shape is None else _norm_axis(self.axis, len(input_shape) + 1, self.name)
         return Squeeze(axis=axis)
 
-    def _args(self):
-        return self.axis
-
-    @classmethod
-    def _from_args(cls, args):
-        return _axis_only(cls, args)
 
 
 # --------------------------------------------------------------------------- selecting ops
@@ -444,7 +438,7 @@ def _check_list(xs: Sequence[Any], op: str) -> None:
 
 @register
 @dataclass(frozen=True)
-class Concat(Op):
+class Concat(AxisOnly, Op):
     """Join arrays along an existing axis: q, k, v -> in_proj; q + kv."""
 
     name: ClassVar[str] = "concat"
@@ -472,17 +466,11 @@ class Concat(Op):
             return Chunk(axis=axis, index=index, parts=len(sizes))
         return Chunk(axis=axis, index=index, sizes=tuple(sizes))
 
-    def _args(self):
-        return self.axis
-
-    @classmethod
-    def _from_args(cls, args):
-        return _axis_only(cls, args)
 
 
 @register
 @dataclass(frozen=True)
-class Stack(Op):
+class Stack(AxisOnly, Op):
     """Join equal-shaped arrays along a new axis: layers or experts -> one stacked tensor."""
 
     name: ClassVar[str] = "stack"
@@ -505,12 +493,6 @@ class Stack(Op):
     def part_inverse(self, index: int, input_shapes: Sequence[Shape]) -> Select:
         return Select(axis=_norm_axis(self.axis, len(input_shapes[0]) + 1, self.name), index=index)
 
-    def _args(self):
-        return self.axis
-
-    @classmethod
-    def _from_args(cls, args):
-        return _axis_only(cls, args)
 
 
 # --------------------------------------------------------------------------- chains

@@ -2,46 +2,56 @@
 
 ``infer_config(model_class, source)`` returns a config of ``model_class.config_class`` under
 which the target's ``state_dict`` shapes fit the source's tensors, and says for every field
-whether it was inferred (naming the source tensor that fixes it) or left at the class' default.
+whether it was inferred (naming a target/source tensor pair that fixes it) or left at the
+class' default (and why).
 
-Nothing here knows a model family. The method:
+Nothing here knows a model family; the only names used are transformers-wide conventions
+(``num_labels``, ``num_attention_heads`` through ``attribute_map``). The method:
 
-1. **Probe the class** (once per class, cached). The class' own defaults are the starting point.
-   Every integer (and boolean) field of the config and of its sub-configs (``text_config``,
-   ``vision_config``, ...) is perturbed one at a time and the model is rebuilt on the meta
-   device (milliseconds). A field whose increment adds ``prefix.N.*`` keys is a *count* field
-   (layers); those are shrunk to the smallest value that builds, so every later probe is cheap
-   at any real size. For the other fields the probes give, per target tensor axis, which fields
-   drive it, and for an axis driven by one field a polynomial (``dim == f``, ``3 * f``,
-   ``f + 1``, ``(f / 16) ** 2``...), fitted exactly on four points. Axes driven by several fields
-   together (positions from image and patch size) are evaluated by memoised meta builds.
+1. **Probe the class** (once per class, cached). Every integer and boolean field of the config
+   and of its sub-configs (``text_config``, ``vision_config``...) is perturbed one at a time and
+   the model rebuilt on the meta device (a few milliseconds). A field whose increment adds
+   ``prefix.N.*`` keys is a *count* field (layers); those are shrunk to the smallest value that
+   builds, so every later build is cheap at any real size. For the other fields the probes give,
+   per target tensor axis, which fields drive it, and for an axis driven by one field a
+   polynomial (``dim == f``, ``3 * f``, ``f + 1``, ``(f / 16) ** 2``...) fitted exactly on four
+   points. An axis driven by several fields is predicted by the field that decides it alone once
+   set (``projection_size`` over ``hidden_size``) or else by memoised meta builds (positions from
+   image and patch size; ``heads * (hidden // heads)``).
 2. **Read the source's structure**: repeated blocks (a numbered path segment whose sub-trees have
-   identical shapes, e.g. ``encoderblock_{i}``, ``resblocks.{i}``) and scanned stacks (a sub-tree
-   whose tensors all share one leading axis).
-3. **Match shapes**: a target tensor is explained by a source tensor with the same dims in any
-   order (transposes, HWIO/OIHW, squeezed 1s), by a source tensor whose adjacent axes merge to
-   it (flax ``(D, H, Dh)`` kernels), by a k-th of a fused source tensor (``qkv = 3 x q``), or by k
-   source tensors together (one fused target tensor). The score counts explained target tensors
-   (matrices weigh more than vectors), minus unexplained ones, then the number of distinct
-   source shapes used (so an optimizer state's duplicate tensors cannot stand in for a missing one).
-4. **Solve**: first each target block stack against each source block stack alone (this pins a
-   tower's widths without confusing it with another tower, and pairs stacks for the layer
-   counts), then every shape field against the whole source, by coordinate descent. Candidate
-   values come from inverting the fitted polynomials on the source's own dims; a field coupled to
-   another through one axis is also tried with the partner scaled by the same ratio (patch and
-   image size together keep the number of positions).
-5. **Decide**: a field is *inferred* when every other value that changes a target shape fits the
-   source worse; otherwise it keeps the class default (or what the config derives from the
-   inferred fields), and is listed as ``default`` with the reason. Layer counts are the number of
-   repeated source blocks. Attention heads rarely change a transformers shape; they are read from
-   split attention kernels ``(D, H, Dh)`` when the source has them, else left at the default (or
-   the nearest value that builds). Fields the weights cannot show (``layer_norm_eps``,
-   ``hidden_act``, token ids...) are listed as ``default``.
+   identical shapes: ``encoderblock_{i}``, ``resblocks.{i}``), scanned stacks (a sub-tree whose
+   tensors all share one leading axis), and shadows (a large sub-tree repeating other tensors'
+   paths and shapes: optimizer moments, an aliased sub-model), which are ignored.
+3. **Match shapes** (greedy, one block per stack on both sides): a target tensor is explained by
+   a source tensor of the very same shape, of the same dims in another order (transposes,
+   HWIO/OIHW, squeezed 1s), whose adjacent axes merge to it (flax ``(D, H, Dh)`` kernels), by a
+   k-th of a fused source (``qkv``: its chunks go to sibling targets, all of them), or, for a
+   target the probe showed to be a k-fold stack (``in_proj`` = 3 x hidden), by k sibling source
+   tensors. Same-shape pairs are made by name similarity (``pos`` ~ ``position_embedding``). The
+   score is explained target weight (by match quality) minus unexplained target weight minus
+   unused source weight, then the number of distinct source shapes used (duplicates cannot stand
+   in for a missing tensor), then name similarity.
+4. **Solve**: each target block stack against each source block stack alone (pins a tower's
+   widths, pairs stacks for the layer counts; equally good pairings are told apart by scoring
+   the whole model), then every shape field against the whole source by coordinate descent,
+   with pair moves (a value that takes another field's tensors re-solves that field) and value
+   swaps. Candidate values invert the fitted polynomials on the source's own dims; a field
+   coupled to another through one axis is also tried with the partner scaled by the same ratio
+   (patch and image size together keep the number of positions).
+5. **Decide**: a field is *inferred* when every other value that changes a target shape fits
+   the source worse. When several values give the very same shapes (any divisor of the width for
+   a head count), the default or the nearest value to it is kept and listed as ``default``; so is
+   a field the source does not fix. Layer counts are the number of repeated source blocks; head
+   counts come from split attention kernels ``(D, H, Dh)`` when the source has them. Fields the
+   weights cannot show (``layer_norm_eps``, ``hidden_act``, token ids...) are listed as
+   ``default``; a free field whose default does not build with the inferred sizes (12 heads for
+   width 64) takes the nearest value that does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import re
 import time
@@ -56,11 +66,12 @@ from .errors import TargetError
 from .tree import ParamTree, Shape
 
 FieldPath = tuple[str, ...]
-Score = tuple[int, int, int]
+Score = tuple[int, int, float, int]
 
 INFERRED = "inferred"
 DEFAULT = "default"
 
+_ENUMERATE_UP_TO = 4096  # largest source number tried directly for a field no polynomial describes
 _BUDGET = 12  # a source tensor's capacity; a k-th of a fused tensor costs _BUDGET // k
 _CHUNKS = (2, 3, 4)
 _NUMBERED = re.compile(r"^(.*?)(\d+)$")
@@ -144,8 +155,9 @@ def _canon(shape: Shape | None) -> Shape | None:
     return tuple(sorted(d for d in shape if d != 1))
 
 
-def _weight(canon: Shape | None) -> int:
-    return max(1, len(canon or ()))
+def _weight(shape: Shape | None) -> int:
+    """A tensor's weight in the score: its number of axes longer than 1 (at least 1)."""
+    return max(1, sum(1 for d in shape or () if d != 1))
 
 
 class _SourceIndex:
@@ -180,68 +192,229 @@ class _SourceIndex:
                         values.add(d // k)
                         add(squeezed[:j] + (d // k,) + squeezed[j + 1 :], _BUDGET // k, 2)
         self.views = {key: sorted(entries) for key, entries in views.items()}
+        self.identical: dict[Shape, list[tuple[int, int, int]]] = defaultdict(list)
+        for i, shape in enumerate(self.shapes):
+            self.identical[shape].append((-1, i, _BUDGET))
         self.values = frozenset(values)
+        self.family = [_family(name) for name in self.names]
+        self.kind_count: dict[Shape, int] = defaultdict(int)
+        for kind in self.kinds:
+            self.kind_count[kind] += 1
+        self.splittable: list[tuple[int, list[tuple[int, Shape]]]] = []  # matrices and vectors: (k, one k-th's dims)
+        for i, shape in enumerate(self.shapes):
+            squeezed = tuple(d for d in shape if d != 1)
+            if 1 <= len(squeezed) <= 2:
+                parts = [(k, _canon(squeezed[:a] + (d // k,) + squeezed[a + 1 :])) for k in (3, 2, 4) for a, d in enumerate(squeezed) if d % k == 0 and d != k]
+                if parts:
+                    self.splittable.append((i, parts))
+        self._pairings: dict[tuple, list[tuple[int, str]]] = {}
 
     def __len__(self) -> int:
         return len(self.shapes)
 
-    def _take(self, canon: Shape, units: int, budget: list[int]) -> list[int] | None:
-        entries = self.views.get(canon)
+    def _take(self, canon: Shape, units: int, budget: list[int], state: "_MatchState", owner: str | None = None, identical: bool = False):
+        """Consume ``units`` views of shape ``canon``: the source indices and the worst view rank, or None.
+
+        Several units (one target tensor fused from k source tensors) must come from sibling source
+        tensors. A chunk of a fused source goes only to target tensors that are siblings of the
+        chunk's other takers (``owner`` is the taker's sibling key).
+        """
+        entries = (self.identical if identical else self.views).get(canon)
         if not entries:
             return None
-        taken: list[tuple[int, int]] = []
-        spare = {}
-        for _, i, cost in entries:
-            left = spare.get(i, budget[i])
-            while left >= cost and len(taken) < units:
-                left -= cost
-                taken.append((i, cost))
-            spare[i] = left
-            if len(taken) == units:
-                for j, c in taken:
-                    budget[j] -= c
-                return sorted({j for j, _ in taken})
+        if units > 1:
+            by_family: dict[tuple, list] = defaultdict(list)
+            for entry in entries:
+                by_family[self.family[entry[1]]].append(entry)
+            candidates = list(by_family.values())
+        else:
+            candidates = [entries]
+        for group in candidates:
+            taken: list[tuple[int, int, int]] = []
+            spare: dict[int, int] = {}
+            for rank, i, cost in group:
+                if rank == 2 and state.chunk_owner.get(i, owner) != owner:
+                    continue
+                left = spare.get(i, budget[i])
+                while left >= cost and len(taken) < units:
+                    left -= cost
+                    taken.append((i, cost, rank))
+                spare[i] = left
+                if len(taken) == units:
+                    for j, c, r in taken:
+                        budget[j] -= c
+                        if r == 2:
+                            state.chunk_owner[j] = owner
+                    return sorted({j for j, _, _ in taken}), max(r for _, _, r in taken)
         return None
 
-    def match(self, target: Iterable[tuple[str, Shape | None]]) -> "_Match":
+    def _pairing(self, shape: Shape, keys: tuple[str, ...]) -> list[tuple[int, str]]:
+        """Target keys and same-shape source tensors, best-named pairs first (cached per target set)."""
+        cached = self._pairings.get((shape, keys))
+        if cached is None:
+            sources = [i for _, i, _ in self.identical[shape]]
+            ranked = sorted((-_affinity(key, self.names[i]), order, i, key) for order, key in enumerate(keys) for i in sources)
+            cached = self._pairings[(shape, keys)] = [(i, key) for _, _, i, key in ranked]
+        return cached
+
+    def _split_fused(self, items, budget: list[int], pairs: dict, quality: dict) -> None:
+        """A source matrix or vector that no target tensor matches whole, but k sibling target tensors
+        match in equal parts along one axis, is split among them first (timm's ``qkv``: q, k, v)."""
+        whole: dict[Shape, list[str]] = defaultdict(list)
+        for key, _, canon in items:
+            if canon is not None:
+                whole[canon].append(key)
+        families: dict[Shape, list[list[str]]] = defaultdict(list)
+        grouped: dict[tuple, list[str]] = defaultdict(list)
+        for key, shape, canon in items:
+            if canon is not None:
+                grouped[(_family(key), canon)].append(key)
+        for (_, canon), keys in grouped.items():
+            families[canon].append(keys)
+        for i, parts in self.splittable:
+            if len(whole.get(self.kinds[i], ())) > self.kind_count[self.kinds[i]] - 1:
+                continue  # some target tensor needs it whole
+            for k, part in parts:
+                taken = False
+                for keys in families.get(part, ()):
+                    free = [key for key in keys if key not in pairs]
+                    if len(free) >= k:
+                        free.sort(key=lambda key: -_affinity(key, self.names[i]))  # stable: q, k, v before o
+                        for key in free[:k]:
+                            pairs[key], quality[key] = [i], _QUALITY[2]
+                        budget[i] = 0
+                        taken = True
+                        break
+                if taken:
+                    break
+
+    def match(self, target: Iterable[tuple[str, Shape | None]], fused: dict[str, int] | None = None, ranks: dict[str, int] | None = None) -> "_Match":
+        """Greedy matching of target shapes to these source tensors (``ranks``: fixed target weights).
+
+        ``fused`` names target tensors stacked from k equal parts along their first axis (``in_proj``
+        = 3 x hidden): only those may be matched by k sibling source tensors together.
+        """
+        fused, ranks = fused or {}, ranks or {}
         budget = [_BUDGET] * len(self.shapes)
+        state = _MatchState()
         items = [(key, shape, _canon(shape)) for key, shape in target]
         items.sort(key=lambda t: (-(len(t[2]) if t[2] is not None else -1), -(math.prod(t[2]) if t[2] else 0), t[0]))
-        total = matched = 0
         pairs: dict[str, list[int]] = {}
+        quality: dict[str, int] = {}
+        self._split_fused(items, budget, pairs, quality)
+        same: dict[Shape, list[tuple[int, str]]] = defaultdict(list)  # then the very same shape, paired by name
+        for order, (key, shape, canon) in enumerate(items):
+            if key not in pairs and shape is not None and shape in self.identical:
+                same[shape].append((order, key))
+        for shape, keys in same.items():
+            for i, key in self._pairing(shape, tuple(key for _, key in keys)):
+                if key not in pairs and budget[i] == _BUDGET:
+                    budget[i] = 0
+                    pairs[key], quality[key] = [i], _QUALITY[-1]
         for key, shape, canon in items:
-            weight = _weight(canon)
-            total += weight
-            if canon is None:
+            if key in pairs or canon is None:
                 continue
-            got = self._take(canon, 1, budget)
-            if got is None and len(canon) <= 2:  # one fused target matrix or vector from k source tensors
-                for k in _CHUNKS:
-                    for j, d in enumerate(canon):
-                        if d % k == 0 and d > k and got is None:
-                            got = self._take(_canon(canon[:j] + (d // k,) + canon[j + 1 :]), k, budget)
-                    if got is not None:
-                        break
+            got = self._take(canon, 1, budget, state, owner=_family(key))
+            k = fused.get(key)
+            if got is None and k and shape[0] % k == 0:
+                got = self._take(_canon((shape[0] // k,) + tuple(shape[1:])), k, budget, state)
+                if got is not None:
+                    got = (got[0], 2)
             if got is not None:
-                matched += weight
-                pairs[key] = got
+                pairs[key], quality[key] = got[0], _QUALITY[got[1]]
+        # a fused source tensor whose chunks did not all find sibling takers explains nothing
+        partial = {i for i in state.chunk_owner if budget[i] > 0}
+        if partial:
+            for key in [k for k, got in pairs.items() if quality[k] == _QUALITY[2] and set(got) & partial and k not in fused]:
+                del pairs[key], quality[key]
+            for i in partial:
+                budget[i] = _BUDGET
+        fit = 0
+        for key, shape, canon in items:
+            weight = ranks[key] if key in ranks else _weight(shape)
+            fit += quality[key] * weight if key in pairs else -_QUALITY[-1] * weight
         used = {i for got in pairs.values() for i in got}
         unused = sum(1 for b in budget if b == _BUDGET)
-        consumed = sum(_weight(kind) * (_BUDGET - b) for kind, b in zip(self.kinds, budget))
-        return _Match(2 * matched - total, consumed, len({self.kinds[i] for i in used}), pairs, unused)
+        spare = sum(_weight(shape) * b for shape, b in zip(self.shapes, budget))
+        names = round(sum(_affinity(key, self.names[got[0]]) for key, got in pairs.items()), 6)
+        return _Match(fit, -spare, len({self.kinds[i] for i in used}), pairs, quality, unused, names)
+
+
+_WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+")
+
+
+@lru_cache(maxsize=None)
+def _words(name: str) -> frozenset[str]:
+    return frozenset(w.lower() for w in _WORDS.findall(name))
+
+
+@lru_cache(maxsize=None)
+def _similar(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    short, long = sorted((a, b), key=len)
+    if len(short) >= 4 and long.endswith(short):  # norm ~ layernorm
+        return True
+    if len(short) < 3 or short[0] != long[0]:
+        return False
+    if long.startswith(short):  # proj ~ projection
+        return True
+    rest = iter(long)
+    return all(ch in rest for ch in short)  # txt ~ text, img ~ image
+
+
+def _affinity(target_key: str, source_key: str) -> float:
+    """Word overlap of two names, 0..1 (cosine; a shortened word such as pos ~ position, txt ~ text counts 3/4)."""
+    return _word_affinity(_words(target_key), _words(source_key))
+
+
+@lru_cache(maxsize=100_000)
+def _word_affinity(target: frozenset[str], source: frozenset[str]) -> float:
+    if not target or not source:
+        return 0.0
+    total = 0.0
+    for word in source:
+        if word in target:
+            total += 1.0
+        elif any(_similar(word, t) for t in target):
+            total += 0.75
+        elif len(word) <= 5 and any(len(t) == 1 and (word.startswith(t) or (len(word) <= 4 and t in word)) for t in target):
+            total += 0.5  # one-letter abbreviations: q ~ query, q ~ qkv, o ~ out
+    return round(total / math.sqrt(len(target) * len(source)), 6)
+
+
+@dataclass
+class _MatchState:
+    chunk_owner: dict[int, str | None] = field(default_factory=dict)
+
+
+def _family(key: str) -> tuple[str, str]:
+    """Sibling key: the path without its last two names, and the last name (q/k/v weights share it)."""
+    parts = _SEPARATORS.split(key)
+    return ("".join(parts[:-4]), parts[-1])
+
+
+_QUALITY = {-1: 4, 0: 3, 1: 2, 2: 1}  # same shape, same dims in another order, merged axes, a share of a fused tensor
 
 
 @dataclass
 class _Match:
-    fit: int  # explained target weight minus unexplained target weight
-    consumed: int  # source weight used (a k-th of a fused tensor counts a k-th)
+    fit: int  # explained target weight (by match quality) minus unexplained target weight
+    spare: int  # minus the source weight left unused (a k-th of a fused tensor counts a k-th)
     kinds: int  # distinct source shapes used (duplicates, e.g. optimizer moments, cannot stand in)
     pairs: dict[str, list[int]]
+    quality: dict[str, int]
     unused: int  # source tensors not used at all
+    names: float = 0.0  # name similarity of matched pairs: the last tie-breaker (pos ~ position_embedding)
+
+    @property
+    def balance(self) -> int:
+        """Explained target minus unexplained target minus unused source (weights alike; scaled by 3)."""
+        return 3 * self.fit + self.spare  # an unused source tensor costs _QUALITY[-1] * weight, as an unexplained target
 
     @property
     def score(self) -> Score:
-        return (self.fit, self.consumed, self.kinds)
+        return (self.balance, self.kinds, self.names, self.fit)
 
 
 # --------------------------------------------------------------------------- source structure
@@ -284,21 +457,59 @@ def _source_groups(specs: dict[str, Shape]) -> list[_SourceGroup]:
         block = [blocks[indices[0]][tail] for tail in blocks[indices[0]]]
         group = _SourceGroup(head + "{i}", len(indices), keys, block)
         (multi if len(indices) > 1 else single).append(group)
+    scanned = _scanned_groups(specs)
+    stacked = set().union(*(g.keys for g in scanned)) if scanned else set()
     chosen: list[_SourceGroup] = []
     for group in sorted(multi, key=lambda g: (-len(g.keys), g.template)):  # outermost first
+        if group.keys <= stacked:
+            continue  # numbered parts inside a scanned block (LayerNorm_0, LayerNorm_1)
         if all(group.keys.isdisjoint(other.keys) for other in chosen):
             chosen.append(group)
     covered = set().union(*(g.keys for g in chosen)) if chosen else set()
+    scanned = [g for g in scanned if g.keys.isdisjoint(covered)]
+    covered |= stacked
     singles = [g for g in single if not g.keys <= covered]
-    return chosen + singles + _scanned_groups(specs, covered)
+    return chosen + singles + scanned
 
 
-def _scanned_groups(specs: dict[str, Shape], covered: set[str]) -> list[_SourceGroup]:
+def _shadows(specs: dict[str, Shape]) -> set[str]:
+    """Tensors that repeat other tensors under another root: optimizer moments, aliased sub-models.
+
+    A sub-tree S is a shadow when every tensor under it (at least 4, and an eighth of the file)
+    has the path and shape of a tensor elsewhere with a shorter path, maybe with one extra trailing
+    name: ``optimizer/state/param_states/<path>/grad_ema`` repeats ``optimizer/target/<path>``.
+    """
+    segments = {k: _SEPARATORS.split(k)[::2] for k in specs}
+    index: dict[tuple, set[tuple]] = defaultdict(set)
+    for key, segs in segments.items():
+        for a in range(len(segs)):
+            index[(tuple(segs[a:]), specs[key])].add(tuple(segs[:a]))
+    under: dict[tuple, int] = defaultdict(int)
+    for segs in segments.values():
+        for a in range(1, len(segs)):
+            under[tuple(segs[:a])] += 1
+    hits: dict[tuple, set[str]] = defaultdict(set)
+    for key, segs in segments.items():
+        for a in range(1, len(segs) - 1):
+            root = tuple(segs[:a])
+            for drop in (0, 1):
+                rel = tuple(segs[a : len(segs) - drop])
+                if len(rel) < 2:
+                    continue
+                for other in index.get((rel, specs[key]), ()):
+                    if other != root and len(other) + len(rel) < len(segs):
+                        hits[(root, other, drop)].add(key)
+    shadows: set[str] = set()
+    for (root, _, _), keys in hits.items():
+        if len(keys) >= 4 and len(keys) == under[root] and len(keys) >= len(specs) / 8:
+            shadows |= keys
+    return shadows
+
+
+def _scanned_groups(specs: dict[str, Shape]) -> list[_SourceGroup]:
     """Sub-trees whose tensors (4 or more, none a vector) all share one leading axis: scanned layers."""
     leaves: dict[str, list[str]] = defaultdict(list)
     for key in specs:
-        if key in covered:
-            continue
         parts = _SEPARATORS.split(key)
         for j in range(1, len(parts) - 1, 2):
             leaves["".join(parts[:j])].append(key)
@@ -330,10 +541,7 @@ class _Poly:
         return sum((c * x**i for i, c in enumerate(self.coeffs)), Fraction(0))
 
     def at(self, x: int | None) -> int | None:
-        if x is None:
-            return None
-        y = self.value(x)
-        return int(y) if y.denominator == 1 and y >= 1 else None
+        return None if x is None else _poly_at(self, x)
 
     def solve(self, y: int) -> list[int]:
         c0, c1, c2 = (list(self.coeffs) + [Fraction(0)] * 3)[:3]
@@ -351,6 +559,12 @@ class _Poly:
             root = Fraction(num, den)
             roots = [(-c1 + root) / (2 * c2), (-c1 - root) / (2 * c2)]
         return [int(r) for r in roots if r.denominator == 1 and r >= 1]
+
+
+@lru_cache(maxsize=65536)
+def _poly_at(poly: _Poly, x: int) -> int | None:
+    y = poly.value(x)
+    return int(y) if y.denominator == 1 and y >= 1 else None
 
 
 @lru_cache(maxsize=65536)
@@ -425,6 +639,8 @@ class _Probe:
         self.config_class = model_class.config_class
         self.base_config_type = transformers.PreTrainedConfig
         self._builds: dict[tuple, dict[str, Shape] | None] = {}
+        self._configs: dict[tuple, Any] = {}
+        self._shaped: dict[FieldPath, frozenset[str]] = {}
         self.build_count = 0
         started = time.perf_counter()
         with _quiet():
@@ -532,12 +748,14 @@ class _Probe:
             for i in range(1, self.counts[group.field]):
                 dropped.update(k for k in current if k.startswith(f"{group.prefix}.{i}."))
         self.keys = tuple(k for k in current if k not in dropped)  # one block per stack
+        self.ranks = {k: _weight(s) for k, s in current.items()}  # from the default sizes: fixed per tensor
 
     # -- step 3: what every other field does
 
     def _probe_fields(self) -> None:
         self.deps: dict[tuple[str, int], set[FieldPath]] = defaultdict(set)
         points: dict[tuple[str, int], dict[FieldPath, list[tuple[int, int]]]] = defaultdict(dict)
+        probes: dict[FieldPath, list[int]] = {}
         self.free: set[FieldPath] = set()
         base = self.base_shapes
         for path in self.ints:
@@ -552,6 +770,7 @@ class _Probe:
                 shapes = self.build({**self.base, path: v})
                 if shapes is not None:
                     results.append((v, shapes))
+            probes[path] = [v for v, _ in results]
             if any(set(shapes) != set(base) for _, shapes in results):
                 self.structural.add(path)
                 continue
@@ -578,6 +797,9 @@ class _Probe:
                 poly = _fit(points[position][path])
                 if poly is not None:
                     self.forms[position] = poly
+        self._find_dominant(points, probes)
+        self.fused = {key: int(form.coeffs[1]) for (key, axis), form in self.forms.items()
+                      if axis == 0 and len(form.coeffs) == 2 and form.coeffs[0] == 0 and form.coeffs[1] in _CHUNKS}
         self.shape_fields = sorted({p for deps in self.deps.values() for p in deps})
         self.positions: dict[FieldPath, list[tuple[str, int]]] = defaultdict(list)
         for position, deps in self.deps.items():
@@ -589,6 +811,32 @@ class _Probe:
                 for path in deps:
                     self.partners[path] |= deps - {path}
 
+    def _find_dominant(self, points: dict, probes: dict[FieldPath, list[int]]) -> None:
+        """Axes driven by several fields where one, once set, decides alone (projection_size over hidden_size)."""
+        self.dominant: dict[tuple[str, int], tuple[FieldPath, _Poly, FieldPath | None, _Poly | None]] = {}
+        by_deps: dict[frozenset, list[tuple[str, int]]] = defaultdict(list)
+        for position, deps in self.deps.items():
+            if len(deps) > 1:
+                by_deps[frozenset(deps)].append(position)
+        for deps, positions in by_deps.items():
+            for path in sorted(deps):
+                others = sorted(deps - {path})
+                set_alone = self.build({**self.base, path: self.defaults[path]})
+                if set_alone is None or any(not probes.get(o) for o in others):
+                    continue
+                moved = [self.build({**self.base, path: self.defaults[path], o: v}) for o in others for v in probes[o]]
+                if any(m is None for m in moved):
+                    continue
+                for key, axis in positions:
+                    if (key, axis) in self.dominant or key not in set_alone:
+                        continue
+                    if all(m.get(key) is not None and m[key][axis] == set_alone[key][axis] for m in moved):
+                        own = _fit(points[(key, axis)].get(path, []))
+                        if own is None:
+                            continue
+                        fallback = _fit(points[(key, axis)].get(others[0], [])) if len(others) == 1 else None
+                        self.dominant[(key, axis)] = (path, own, others[0] if fallback else None, fallback)
+
     # -- predictions
 
     def memo(self, values: dict[FieldPath, Any]) -> dict[str, Shape] | None:
@@ -597,8 +845,11 @@ class _Probe:
             shapes = self.build({**self.base, **{p: 1 for p in self.free if p in self.defaults and not isinstance(self.defaults[p], bool)}, **values})
         return shapes
 
-    def predict(self, values: dict[FieldPath, Any], keys: Iterable[str]) -> list[tuple[str, Shape | None]]:
-        """Target shapes (one block per stack) under ``values`` (unset fields: the class default)."""
+    def predict(self, values: dict[FieldPath, Any], keys: Iterable[str], cheap: bool = False) -> list[tuple[str, Shape | None]]:
+        """Target shapes (one block per stack) under ``values`` (unset fields: the class default).
+
+        ``cheap``: no new meta builds; a tensor whose shape would need one is left out.
+        """
         changed = {p for p, v in values.items() if v is not None}
         out = []
         for key in keys:
@@ -609,18 +860,65 @@ class _Probe:
                 if not deps or not (deps & changed):
                     continue
                 form = self.forms.get((key, axis))
+                ruled = self.dominant.get((key, axis))
                 if form is not None:
                     (path,) = deps
                     dims[axis] = form.at(values[path])
+                elif ruled is not None and (values.get(ruled[0]) is not None or ruled[2] is not None):
+                    path, own, other, fallback = ruled
+                    if values.get(path) is not None:
+                        dims[axis] = own.at(values[path])
+                    elif values.get(other) is not None:
+                        dims[axis] = fallback.at(values[other])
                 else:
-                    shapes = self.memo({p: values.get(p) for p in deps})
+                    wanted = {p: values.get(p) for p in deps}
+                    if cheap and not self.memoised(wanted):
+                        dims = None
+                        break
+                    shapes = self.memo(wanted)
                     dims[axis] = shapes[key][axis] if shapes is not None and key in shapes else None
-            out.append((key, None if None in dims else tuple(dims)))
+            if dims is not None:
+                out.append((key, None if None in dims else tuple(dims)))
         return out
 
-    def effective(self, values: dict[FieldPath, Any], path: FieldPath) -> int:
+    def memoised(self, values: dict[FieldPath, Any]) -> bool:
+        key = tuple(sorted((p, v) for p, v in {**self.base, **values}.items() if v is not None))
+        return key in self._builds and self._builds[key] is not None
+
+    def fused_for(self, keys: Iterable[str]) -> dict[str, int]:
+        """``fused`` for keys of a full model (any block index, not only block 0)."""
+        out = {}
+        for key in keys:
+            base = key
+            for group in self.groups:
+                head = group.prefix + "."
+                if key.startswith(head):
+                    rest = key[len(head):].split(".", 1)
+                    if len(rest) == 2 and rest[0].isdigit():
+                        base = f"{head}0.{rest[1]}"
+            if base in self.fused:
+                out[key] = self.fused[base]
+        return out
+
+    def shaped_by(self, path: FieldPath) -> frozenset[str]:
+        """Target keys with an axis this field drives."""
+        if path not in self._shaped:
+            self._shaped[path] = frozenset(k for k, _ in self.positions.get(path, ()))
+        return self._shaped[path]
+
+    def effective(self, values: dict[FieldPath, Any], path: FieldPath) -> Any:
+        """The field's value under ``values``; for an unset field, what the config derives (e.g. from hidden_size)."""
         value = values.get(path)
-        return self.defaults[path] if value is None else value
+        if value is not None:
+            return value
+        key = tuple(sorted((p, v) for p, v in values.items() if v is not None))
+        if key not in self._configs:
+            try:
+                self._configs[key] = self.make_config({**self.base, **values})
+            except Exception:
+                self._configs[key] = None
+        config = self._configs[key]
+        return self.defaults[path] if config is None else _get(config, path)
 
 
 def _added_blocks(before: set[str], after: set[str], index: int) -> set[str] | None:
@@ -655,7 +953,9 @@ def probe(model_class: type) -> _Probe:
 class _Solver:
     def __init__(self, probe: _Probe, source: ParamTree):
         self.p = probe
-        self.specs = {path: tuple(spec.shape) for path, spec in source.specs.items()}
+        specs = {path: tuple(spec.shape) for path, spec in source.specs.items()}
+        self.shadows = _shadows(specs)
+        self.specs = {k: s for k, s in specs.items() if k not in self.shadows}
         self.groups = _source_groups(self.specs)
         self._scores: dict[tuple, tuple[Score, _Match]] = {}
         self._indexes: list[_SourceIndex] = []  # kept alive: the score cache is keyed by their ids
@@ -667,10 +967,11 @@ class _Solver:
 
     # -- scoring
 
-    def score(self, values: dict[FieldPath, Any], keys: list[str], index: _SourceIndex) -> tuple[Score, _Match]:
+    def score(self, values: dict[FieldPath, Any], keys: tuple[str, ...], index: _SourceIndex) -> tuple[Score, _Match]:
+        """Fit of the target predicted under ``values`` to ``index`` (memoised)."""
         cache_key = (id(index), keys, tuple(sorted((p, v) for p, v in values.items() if v is not None)))
         if cache_key not in self._scores:
-            result = index.match(self.p.predict(values, keys))
+            result = index.match(self.p.predict(values, keys), self.p.fused, self.p.ranks)
             self._scores[cache_key] = (result.score, result)
         return self._scores[cache_key]
 
@@ -685,24 +986,45 @@ class _Solver:
             for s in index.values:
                 found.update(_solve(form, s))
         if local:  # axes driven together with other fields: fit along this field at the current values
-            x0 = self.p.effective(values, path) or 1
+            x0 = self.p.effective(values, path)
+            if not x0:
+                x0 = self.p.effective({}, path) or 1
             xs = [x0, 2 * x0, 3 * x0, 4 * x0]
-            rows = [dict(self.p.predict({**values, path: x}, sorted({k for k, _ in local}))) for x in xs]
+            local_keys = sorted({k for k, _ in local})
+            rows = [dict(self.p.predict({**values, path: x}, local_keys)) for x in xs]
+            unfitted = False
             for key, axis in local:
                 pts = [(x, row[key][axis]) for x, row in zip(xs, rows) if row.get(key) is not None]
                 poly = _fit(pts) if len(pts) == 4 else None
-                if poly is not None:
+                if poly is None:
+                    unfitted = True
+                else:
                     for s in index.values:
                         found.update(_solve(poly, s))
+            if unfitted:  # e.g. heads * (hidden // heads): try the source's own numbers
+                wanted = set(index.values)
+                for x in sorted(v for v in index.values if v <= _ENUMERATE_UP_TO):
+                    row = dict(self.p.predict({**values, path: x}, local_keys))
+                    if any(row.get(k) is not None and row[k][a] in wanted for k, a in local):
+                        found.add(x)
         return found
 
     def trials(self, path: FieldPath, values: dict[FieldPath, Any], keys: list[str], index: _SourceIndex) -> list[dict]:
         current = self.p.effective(values, path)
+        own = sorted(self.p.shaped_by(path) & set(keys))
+
+        def promising(trial: dict) -> bool:  # one of the field's own tensors could find a partner
+            known = [shape for _, shape in self.p.predict(trial, own, cheap=True)]
+            if not known:
+                return True
+            return any(shape is not None and (_canon(shape) in index.views or shape in index.identical) for shape in known)
+
         out = []
         for v in sorted(self.candidates(path, values, keys, index)):
             if v == values.get(path):
                 continue
-            out.append({**values, path: v})
+            if promising({**values, path: v}):
+                out.append({**values, path: v})
             if not current:
                 continue
             ratio = Fraction(v, current)
@@ -717,21 +1039,69 @@ class _Solver:
 
     def descend(self, fields: list[FieldPath], values: dict[FieldPath, Any], keys: list[str], index: _SourceIndex, rounds: int = 6):
         values = dict(values)
-        best, _ = self.score(values, keys, index)
         order = sorted(fields, key=lambda p: (-len(self.p.positions[p]), p))
         for _ in range(rounds):
             improved = False
-            for path in order:
-                top, top_values = best, None
+            for path in order:  # single moves
+                top, top_values = self.score(values, keys, index)[0], None
                 for trial in self.trials(path, values, keys, index):
                     s, _ = self.score(trial, keys, index)
                     if s > top:
                         top, top_values = s, trial
                 if top_values is not None:
-                    best, values, improved = top, top_values, True
+                    values, improved = top_values, True
+            if not improved:  # pair moves: a value for one field that takes another field's source tensors
+                moved = self.pair_move(order, values, keys, index)
+                if moved is None:
+                    break
+                values = moved
+        return values, self.score(values, keys, index)[0]
+
+    def pair_move(self, order: list[FieldPath], values: dict, keys: tuple[str, ...], index: _SourceIndex, tries: int = 3) -> dict | None:
+        """Move f to a value that explains more of f's own tensors, and re-solve the fields whose tensors lose out."""
+        best, current = self.score(values, keys, index)
+        matched = set(current.pairs)
+        fields = set(order)
+
+        def explained(result: _Match, own: frozenset[str]) -> float:
+            return sum(result.quality[k] + _affinity(k, index.names[result.pairs[k][0]]) for k in own if k in result.pairs)
+
+        for path in order:
+            own = self.p.shaped_by(path)
+            before = explained(current, own)
+            ranked = []
+            for trial in self.trials(path, values, keys, index):
+                _, result = self.score(trial, keys, index)
+                gain = explained(result, own) - before
+                if gain > 0:
+                    ranked.append((gain, result.score, trial, result))
+            ranked.sort(key=lambda r: (r[0], r[1]), reverse=True)
+            for _, _, trial, result in ranked[:tries]:
+                lost = matched - set(result.pairs)
+                others = [g for g in order if g != path and g in fields and self.p.shaped_by(g) & lost]
+                for other in others:
+                    for second in self.trials(other, trial, keys, index):
+                        s, _ = self.score(second, keys, index)
+                        if s > best:
+                            return second
+        return None
+
+    def swaps(self, fields: list[FieldPath], values: dict[FieldPath, Any], keys: tuple[str, ...], index: _SourceIndex) -> dict:
+        """Exchange the values of two fields while that fits better (vocabulary and positions can trade places)."""
+        best, _ = self.score(values, keys, index)
+        for _ in range(3):
+            improved = False
+            for f, g in itertools.combinations(fields, 2):
+                a, b = self.p.effective(values, f), self.p.effective(values, g)
+                if a == b or a is None or b is None:
+                    continue
+                trial = {**values, f: b, g: a}
+                s, _ = self.score(trial, keys, index)
+                if s > best:
+                    best, values, improved = s, trial, True
             if not improved:
                 break
-        return values, best
+        return values
 
     # -- phase 1: one block stack against one source stack
 
@@ -753,7 +1123,7 @@ class _Solver:
                 values, _ = self.descend(fields, {}, keys, index)
                 score, result = self.score(values, keys, index)
                 if result.pairs:
-                    rows.append(((score, source.count > 1, -result.unused), source, values, index))
+                    rows.append(((result.balance, source.count > 1, score), source, values, index))
             rows.sort(key=lambda r: r[0], reverse=True)
             ranked[n] = rows
         return ranked
@@ -784,6 +1154,8 @@ def _shape_str(shape: Shape | None) -> str:
 def infer_config(model_class: type, source: ParamTree) -> InferredConfig:
     """A config for ``model_class`` whose target shapes fit ``source`` (shapes only; no data read)."""
     started = time.perf_counter()
+    if not source.specs:
+        raise TargetError("cannot infer a config: the source holds no tensors", path=source.origin or None)
     p = probe(model_class)
     with _quiet():
         result = _infer(p, source)
@@ -796,49 +1168,78 @@ def _infer(p: _Probe, source: ParamTree) -> InferredConfig:
 
     # phase 1: every target stack against every source stack
     ranked = solver.solve_blocks()
-    values: dict[FieldPath, Any] = {}
-    strength: dict[FieldPath, tuple] = {}
-    for n, rows in ranked.items():
-        if rows:
-            rank, _, found, _ = rows[0]
+
+    def block_values(picked: dict[int, _SourceGroup]) -> tuple[dict, list[_SourceGroup]]:
+        values: dict[FieldPath, Any] = {}
+        strength: dict[FieldPath, tuple] = {}
+        chosen: list[_SourceGroup] = []
+        for n, source_group in picked.items():
+            rank, _, found, _ = next(r for r in ranked[n] if r[1] is source_group)
             for path, value in found.items():
                 if value is not None and (path not in strength or rank > strength[path]):
                     values[path], strength[path] = value, rank
-    chosen_sources = []
-    for rows in ranked.values():
-        if rows and rows[0][1] not in chosen_sources and rows[0][0][0][0] > 0:
-            chosen_sources.append(rows[0][1])
+            if source_group not in chosen:
+                chosen.append(source_group)
+        return values, chosen
+
+    def whole(picked: dict[int, _SourceGroup]) -> Score:  # an assignment's block values, scored on everything
+        values, chosen = block_values(picked)
+        return solver.score(values, p.keys, solver.collapsed_index(chosen))[0]
+
+    picked = _assign(p, solver, {n: [(r[0], r[1]) for r in rows if r[0][2][3] > 0] for n, rows in ranked.items()}, {}, tie=whole)
+    values, chosen_sources = block_values(picked)
 
     # phase 2: all shape fields against the whole source (one block per stack on both sides)
     index = solver.collapsed_index(chosen_sources)
     keys = p.keys
     fields = [f for f in p.shape_fields if f not in p.counts and f not in p.structural]
-    values, best = solver.descend(fields, values, keys, index)
+    # the block widths first stay as the blocks fixed them (an untouched default elsewhere, say
+    # 64 positions, must not push the MLP width 64 off its own tensors), then everything moves
+    values, _ = solver.descend([f for f in fields if f not in values], values, keys, index)
+    values, _ = solver.descend(fields, values, keys, index)
+    values = solver.swaps(fields, values, keys, index)
 
     # which fields the source actually fixes
     reports: dict[FieldPath, FieldInference] = {}
     final: dict[FieldPath, Any] = {}
     base_pred = dict(p.predict(values, keys))
-    _, best_match = solver.score(values, keys, index)
+    classes: dict[FieldPath, set[int]] = {}
     for path in fields:
-        rivals = []
-        alternatives = solver.candidates(path, values, keys, index) | {None}
+        best, best_match = solver.score(values, keys, index)
+        rivals, same = [], set()
         value = p.effective(values, path)
-        alternatives |= {2 * value, value + 1, max(1, value // 2)}
-        for alt in alternatives:
-            if alt == values.get(path) or (alt == value and values.get(path) is None):
-                continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            reports[path] = FieldInference(_fmt(path), None, DEFAULT, "shape field; not an integer here", True)
+            continue
+        inverted = solver.candidates(path, values, keys, index) | {None}
+        for alt in inverted | {2 * value, value + 1, max(1, value // 2)}:
             trial = {**values, path: alt}
+            effective = p.effective(trial, path)
+            if effective == value:
+                continue
             if dict(p.predict(trial, keys)) == base_pred:
+                if alt in inverted:
+                    same.add(effective)  # another of the source's numbers gives the very same shapes
                 continue
             s, _ = solver.score(trial, keys, index)
             if s >= best:
-                rivals.append(alt)
+                rivals.append(effective)
         dependent = sorted({k for k, _ in p.positions[path]})
         evidence = _pair_evidence(dependent, base_pred, best_match, index)
+        default = p.effective({}, path)
         if rivals or evidence is None:
-            why = "the source does not fix it" if evidence is None else f"ties with {sorted(r for r in rivals if r is not None)[:4] or 'the default'}"
+            why = "the source does not fix it" if evidence is None else f"other values fit as well: {sorted(rivals)[:4]}"
             reports[path] = FieldInference(_fmt(path), None, DEFAULT, f"shape field; {why}", True)
+        elif same:
+            allowed = same | {value}
+            classes[path] = allowed
+            pick = default if default in allowed else min(allowed, key=lambda v: (abs(math.log(v / default)) if v > 0 and default > 0 else math.inf, v))
+            if pick != default:
+                final[path] = pick
+            shown = ", ".join(map(str, sorted(allowed)[:8])) + (", ..." if len(allowed) > 8 else "")
+            reports[path] = FieldInference(
+                _fmt(path), pick, DEFAULT, f"the shapes allow any of {shown}; the {'default' if pick == default else 'nearest to the default ' + str(default)} is kept", True
+            )
         else:
             final[path] = value
             reports[path] = FieldInference(_fmt(path), value, INFERRED, evidence, True)
@@ -846,28 +1247,24 @@ def _infer(p: _Probe, source: ParamTree) -> InferredConfig:
     # layer counts: the best-fitting source stack of each target stack
     counts: dict[FieldPath, tuple[int, str, tuple]] = {}
     matched_groups: dict[FieldPath, _SourceGroup] = {}
+    rows_by_group: dict[int, list] = {}
     for n, group in enumerate(p.groups):
         bkeys = solver.block_keys(group)
         rows = []
         for source_group in solver.groups:
             if not bkeys or not (len(bkeys) / 4 <= len(source_group.block) <= 4 * len(bkeys)):
                 continue
-            sidx = _SourceIndex(source_group.block)
-            result = sidx.match(p.predict(final, bkeys))
-            if result.pairs:
-                rows.append(((result.score, source_group.count > 1, -result.unused), source_group))
-        if not rows:
-            continue
+            result = _SourceIndex(source_group.block).match(p.predict(final, bkeys), fused=p.fused, ranks=p.ranks)
+            if result.pairs and result.fit > 0:
+                rows.append(((result.balance, source_group.count > 1, result.score), source_group))
         rows.sort(key=lambda r: r[0], reverse=True)
-        tied = [g for r, g in rows if r == rows[0][0]]
-        pick = tied[0]
-        if len({g.count for g in tied}) > 1:
-            pick = _tie_break(p, solver, group, tied, final)
-        if rows[0][0][0][0] <= 0:
-            continue
+        rows_by_group[n] = rows
+    for n, pick in _assign(p, solver, rows_by_group, final).items():
+        group = p.groups[n]
+        rank = next(r for r, g in rows_by_group[n] if g is pick)
         previous = counts.get(group.field)
-        if previous is None or rows[0][0] > previous[2]:
-            counts[group.field] = (pick.count, f"{pick.describe()} ~ {group.template}", rows[0][0])
+        if previous is None or rank > previous[2]:
+            counts[group.field] = (pick.count, f"{pick.describe()} ~ {group.template}", rank)
             matched_groups[group.field] = pick
     for path in p.counts:
         if path in counts:
@@ -881,10 +1278,10 @@ def _infer(p: _Probe, source: ParamTree) -> InferredConfig:
         scope = count_path[:-1]
         name = p.attribute_maps.get(scope, {}).get("num_attention_heads", "num_attention_heads")
         heads = scope + (name,)
-        if heads not in p.defaults or heads in final:
+        if heads not in p.defaults or (heads in final and reports.get(heads, None) and reports[heads].how == INFERRED):
             continue
         found = _split_heads(source_group.block)
-        if found is not None:
+        if found is not None and (heads not in classes or found[0] in classes[heads]):
             value, key, shape = found
             final[heads] = value
             reports[heads] = FieldInference(_fmt(heads), value, INFERRED, f"split attention kernel {key} {shape}", heads in p.shape_fields)
@@ -899,7 +1296,7 @@ def _infer(p: _Probe, source: ParamTree) -> InferredConfig:
             if shapes is None:
                 continue
             kept = [(k, s) for k, s in shapes.items() if _kept(p, k)]
-            scored.append((index.match(kept).score, option))
+            scored.append((index.match(kept, fused=p.fused).score, option))
         if len(scored) == 2 and scored[0][0] != scored[1][0]:
             best_score, option = max(scored)
             final[path] = option
@@ -928,17 +1325,19 @@ def _infer(p: _Probe, source: ParamTree) -> InferredConfig:
         else:
             fields_out.append(FieldInference(_fmt(path), value, DEFAULT, "not visible in the weights", False))
 
+    # what the source does not account for: one block per stack, as the solver saw it
+    built_values = {path: _get(config, path) for path in p.ints + p.bools if path not in p.counts and path in p.defaults}
+    shapes = p.build({**built_values, **p.base}) or {}
+    kept = [(k, s) for k, s in shapes.items() if _kept(p, k)]
+    result = index.match(kept, fused=p.fused)
+    templates = [(f"{g.prefix}.0.", f"{g.prefix}.{{i}}.") for g in p.groups]
     unexplained = []
-    import torch
-
-    try:
-        with torch.device("meta"):
-            model = p.model_class(config)
-        target = [(k, tuple(int(d) for d in t.shape)) for k, t in model.state_dict().items()]
-        full = _SourceIndex(list(solver.specs.items())).match(target)
-        unexplained = [k for k, _ in target if k not in full.pairs]
-    except Exception as exc:  # _final_config checked the build; this is a safety net
-        raise TargetError(f"cannot build {p.model_class.__name__} from the inferred config: {exc}") from exc
+    for key, _ in kept:
+        if key not in result.pairs:
+            for head, template in templates:
+                if key.startswith(head):
+                    key = template + key[len(head):]
+            unexplained.append(key)
     return InferredConfig(config, fields_out, unexplained)
 
 
@@ -951,8 +1350,8 @@ def _kept(p: _Probe, key: str) -> bool:
 
 
 def _pair_evidence(dependent: list[str], predicted: dict, match: _Match, index: _SourceIndex) -> str | None:
-    """'target key shape ~ source key shape' for the first target tensor the field shapes that is explained."""
-    ranked = sorted(dependent, key=lambda k: (-len(_canon(predicted.get(k)) or ()), k))
+    """'target key shape ~ source key shape' for the best-explained target tensor the field shapes."""
+    ranked = sorted(dependent, key=lambda k: (-match.quality.get(k, 0), -len(_canon(predicted.get(k)) or ()), k))
     for key in ranked:
         got = match.pairs.get(key)
         if got:
@@ -978,22 +1377,50 @@ def _split_heads(block: list[tuple[str, Shape]]) -> tuple[int, str, Shape] | Non
     return None
 
 
-def _tie_break(p: _Probe, solver: _Solver, group: _TargetGroup, tied: list[_SourceGroup], final: dict) -> _SourceGroup:
-    """Source stacks that fit a block equally well: pick the one whose surroundings fit the target stack's."""
-    others = [g.prefix for g in p.groups if g is not group]
-    scope = _exclusive_ancestor(group.prefix, others, ".")
+def _assign(p: _Probe, solver: _Solver, rows: dict[int, list], final: dict, tie=None) -> dict[int, _SourceGroup]:
+    """One source stack per target stack: distinct stacks where possible, best total fit.
+
+    Assignments that fit equally well are told apart by ``tie(assignment)`` when given, else
+    by the surroundings of each stack (the tensors beside it in its tower) fitted under ``final``.
+    """
+    live = {n: r[:4] for n, r in rows.items() if r}
+    if not live:
+        return {}
+    order = sorted(live)
+    best_key, best = None, []
+    for combo in itertools.product(*(live[n] for n in order)):
+        sources = [g for _, g in combo]
+        distinct = len({id(g) for g in sources}) == len(sources)
+        key = (distinct, sum(r[0] for r, _ in combo), sum(r[1] for r, _ in combo))
+        if best_key is None or key > best_key:
+            best_key, best = key, [combo]
+        elif key == best_key:
+            best.append(combo)
+    if len(best) > 1 and tie is not None:
+        best.sort(key=lambda combo: tie({n: g for n, (_, g) in zip(order, combo)}), reverse=True)
+    elif len(best) > 1 and len({tuple(g.count for _, g in combo) for combo in best}) > 1:
+        involved = list({id(g): g for combo in best for _, g in combo}.values())
+        cache: dict[tuple[int, int], Score] = {}
+
+        def context(n: int, g: _SourceGroup) -> Score:
+            if (n, id(g)) not in cache:
+                cache[(n, id(g))] = _context(p, solver, p.groups[n], g, involved, final)
+            return cache[(n, id(g))]
+
+        best.sort(key=lambda combo: tuple(map(sum, zip(*(context(n, g) for n, (_, g) in zip(order, combo))))), reverse=True)
+    return {n: g for n, (_, g) in zip(order, best[0])}
+
+
+def _context(p: _Probe, solver: _Solver, group: _TargetGroup, source: _SourceGroup, involved: list[_SourceGroup], final: dict) -> Score:
+    """How well the tensors beside a target stack fit the tensors beside a source stack."""
+    scope = _exclusive_ancestor(group.prefix, [g.prefix for g in p.groups if g is not group], ".")
     stacked = tuple(f"{g.prefix}." for g in p.groups)
     target_ctx = [k for k in p.keys if k.startswith(scope) and not k.startswith(stacked)]
-    best, pick = None, tied[0]
-    for candidate in tied:
-        ancestor = _exclusive_ancestor(candidate.template, [g.template for g in tied if g is not candidate], "./")
-        items = [(k, s) for k, s in solver.specs.items() if k.startswith(ancestor) and k not in candidate.keys]
-        if not items:
-            continue
-        score = _SourceIndex(items).match(p.predict(final, target_ctx)).score
-        if best is None or score > best:
-            best, pick = score, candidate
-    return pick
+    ancestor = _exclusive_ancestor(source.template, [g.template for g in involved if g is not source], "./")
+    items = [(k, s) for k, s in solver.specs.items() if k.startswith(ancestor) and k not in source.keys]
+    if not items or not target_ctx:
+        return (0, 0, 0)
+    return _SourceIndex(items).match(p.predict(final, target_ctx), fused=p.fused, ranks=p.ranks).score
 
 
 def _exclusive_ancestor(prefix: str, others: list[str], seps: str) -> str:
@@ -1007,27 +1434,35 @@ def _exclusive_ancestor(prefix: str, others: list[str], seps: str) -> str:
 
 
 def _final_config(p: _Probe, final: dict[FieldPath, Any]) -> tuple[Any, dict[FieldPath, tuple[Any, str]]]:
-    """The config of the inferred values; free fields moved off a default that does not build."""
+    """The config of the inferred values; free fields moved off a default that does not build.
+
+    A head count is the usual case: the default 12 does not divide an inferred width of 64. All
+    such fields start at 1 (divides anything), then each goes back to its default, or to the value
+    nearest the default (among divisors of the sizes inferred beside it) that still builds.
+    """
     if p.build(final) is not None:
         return p.make_config(final), {}
+    free_ints = [f for f in sorted(p.free) if f in p.defaults and not isinstance(p.defaults[f], bool) and f not in final and (p.defaults[f] or 0) >= 1]
+    trial = {**final, **{f: 1 for f in free_ints}}
+    if p.build(trial) is None:
+        shown = {_fmt(k): v for k, v in final.items()}
+        raise TargetError(f"cannot build {p.model_class.__name__} from the inferred config {shown}", hint="pass --config with the sizes")
     adjusted: dict[FieldPath, tuple[Any, str]] = {}
-    free_ints = [f for f in sorted(p.free) if not isinstance(p.defaults.get(f), bool) and f in p.defaults and f not in final]
-    trial = dict(final)
     for path in free_ints:
+        default = p.defaults[path]
         scope = path[:-1]
         sizes = {v for q, v in final.items() if q[:-1] == scope and isinstance(v, int) and not isinstance(v, bool) and v > 0}
-        options = {d for s in sizes for d in _divisors(s)} | {1}
-        default = p.defaults[path]
-        if default is None or default < 1:
-            continue
-        for option in sorted(options, key=lambda v: (abs(math.log(v / default)), v)):
-            if option == default:
-                continue
+        options = sorted(({d for s in sizes for d in _divisors(s)} | {1}) - {default}, key=lambda v: (abs(math.log(v / default)), v))
+        for option in [default] + options:
             if p.build({**trial, path: option}) is not None:
                 trial[path] = option
-                adjusted[path] = (option, f"default {default} does not build with the inferred sizes; nearest value that does")
-                return p.make_config(trial), adjusted
-    raise TargetError(f"cannot build {p.model_class.__name__} from the inferred config {({_fmt(k): v for k, v in final.items()})}")
+                break
+        if trial[path] != default:
+            adjusted[path] = (trial[path], f"default {default} does not build with the inferred sizes; nearest value that does")
+    for path in free_ints:
+        if path not in adjusted:
+            del trial[path]  # back to unset: the class default (or what it derives)
+    return p.make_config(trial), adjusted
 
 
 def _divisors(n: int) -> list[int]:

@@ -18,8 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: setup
 	rm -rf $(VENV)/demo-out
-	$(BIN)/match tests/fixtures/demo/siglip_tiny.npz --target SiglipModel \
-		--config tests/fixtures/demo/siglip_tiny_config.json --save $(VENV)/demo-out
+	$(BIN)/match tests/fixtures/demo/siglip_tiny.npz --target SiglipModel --save $(VENV)/demo-out
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -75,6 +75,14 @@ def render(report: MatchReport, saved: str | None = None) -> None:
             + f"); {len(report.config_fields) - len(inferred)} left at defaults",
             markup=False,
         )
+        assumed = [f for f in report.config_fields if f.how != "inferred"]
+        if assumed:
+            console.print(
+                "assumptions (not visible in the weights; pass --config to set them): "
+                + ", ".join(f"{f.path}={f.value}" for f in assumed[:12])
+                + (f", ... ({len(assumed) - 12} more)" if len(assumed) > 12 else ""),
+                markup=False,
+            )
     console.print(f"{len(report.decisions)} rules; layout conventions: "
                   + (", ".join(f"{k}: {'transpose' if v else 'as is'}" for k, v in sorted(report.conventions.items())) or "none needed"),
                   markup=False)

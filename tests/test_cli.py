@@ -72,7 +72,7 @@ def test_json_report_lists_every_tensor_with_its_confidence(vit_checkpoint):
     root, model = vit_checkpoint
     result = invoke(root / "vit.pt", "--target", "ViTModel", "--config", root, "--json")
     assert result.exit_code == 0
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert report["complete"] is True and report["saved"] is None
     expanded = Mapping.from_dict({"rules": [{k: r[k] for k in ("target", "source", "sources", "ops") if k in r} for r in report["rules"]]})
     assert {r.target for r in expanded.expand(model.state_dict(), model.state_dict()).rules} == set(model.state_dict())
@@ -99,7 +99,7 @@ def test_a_partial_mapping_is_completed_by_the_matcher(vit_checkpoint, tmp_path)
     Mapping(full.rules[1:]).save(tmp_path / "partial.yaml")
     result = invoke(root / "vit.pt", "--target", "ViTModel", "--config", root, "--mapping", tmp_path / "partial.yaml", "--json")
     assert result.exit_code == 0
-    targets = {r["target"] for r in json.loads(result.output)["rules"]}
+    targets = {r["target"] for r in json.loads(result.stdout)["rules"]}
     assert full.rules[0].target in targets
 
 
@@ -121,7 +121,7 @@ def test_opaque_q_k_v_are_flagged_not_guessed(vit_checkpoint, opaque_qkv_checkpo
     out = tmp_path / "out"
     result = invoke(opaque_qkv_checkpoint, "--target", "ViTModel", "--config", root, "--save", out, "--json")
     assert result.exit_code == 3
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     unresolved = {u["target"] for u in report["unresolved"]}
     assert {"layers.{i}.attention.q_proj.weight", "layers.{i}.attention.k_proj.weight", "layers.{i}.attention.v_proj.weight"} <= unresolved
     decided = {r["target"] for r in report["rules"]}

@@ -58,8 +58,46 @@ def match(
     target = build_target(model_class, config)
     pinned = _mapping(mapping)
     report = _match_with_pins(tree, target.tree, pinned) if pinned else match_trees(tree, target.tree)
+    if not config_fields and not report.complete:
+        _check_config_against_checkpoint(model_class, target.config, tree, config, report)
     report.source, report.target, report.config_fields = tree, target, config_fields
     return allow_leftovers(report, allow_drop, allow_init)
+
+
+def _config_value(config: Any, path: str) -> Any:
+    value = config
+    for part in path.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def _leftovers(report: MatchReport) -> int:
+    return len(report.unmatched_targets) + len(report.unused_sources) + len(report.unresolved)
+
+
+def _check_config_against_checkpoint(model_class: type, config: Any, tree: ParamTree, given: Any, report: MatchReport) -> None:
+    """When a given config leaves tensors unmatched and a config inferred from the checkpoint
+    fits it better, say which fields of the given config the checkpoint contradicts."""
+    from .config_infer import infer_config
+    from .errors import TargetError
+    from .targets import build_target
+
+    try:
+        inferred = infer_config(model_class, tree)
+        alternative = match_trees(tree, build_target(model_class, inferred.config).tree)
+    except MatcherError:
+        return  # no better explanation than the report itself
+    if _leftovers(alternative) >= _leftovers(report):
+        return
+    contradictions = [
+        (f.path, _config_value(config, f.path), f.value)
+        for f in inferred.fields
+        if f.how == "inferred" and f.shape_determining and _config_value(config, f.path) not in (None, f.value)
+    ]
+    if contradictions:
+        where = str(given) if isinstance(given, (str, os.PathLike)) else "the config"
+        text = "; ".join(f"{path} is {mine} in the config but the checkpoint says {theirs}" for path, mine, theirs in contradictions[:4])
+        raise TargetError(f"config contradicts the checkpoint: {text}", path=where)
 
 
 def allow_leftovers(report: MatchReport, allow_drop: Sequence[str] = (), allow_init: Sequence[str] = ()) -> MatchReport:

@@ -106,6 +106,13 @@ def save_plan(plan: Plan, source: ParamTree, target: Any, mapping: Mapping, out:
     """Write a complete plan into ``out`` atomically: config.json, model.safetensors, mapping.yaml."""
     require_complete(plan)
     out = Path(out)
+    try:
+        return _write_directory(plan, source, target, mapping, out, force, verify, progress)
+    except OSError as exc:  # full disk, permissions, a vanished directory: the temporary output is already gone
+        raise MatcherError(f"cannot write the output: {exc.strerror or exc}", path=str(out)) from exc
+
+
+def _write_directory(plan, source, target, mapping, out: Path, force, verify, progress) -> Path:
     with atomic_directory(out, force=force) as tmp:
         target.config.to_json_file(str(tmp / "config.json"))
         write_safetensors(

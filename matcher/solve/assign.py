@@ -17,6 +17,19 @@ INFEASIBLE = 1e6
 AMBIGUITY_MARGIN = 0.03
 CONTRADICTS_CONVENTION = 0.6
 MIN_NAME_SIMILARITY = 0.25  # below this, names share nothing: a fitting shape alone is no evidence
+# Roles every path has somewhere; sharing only these is no evidence that two tensors correspond.
+GENERIC_ROLES = frozenset({"weight", "bias", "model", "layers", "encoder"})
+
+
+def _related(a: NameInfo, b: NameInfo) -> bool:
+    """Names are evidence only if they share a specific role or a sibling position, or
+    neither says anything beyond its leaf kind (top-level ``t`` ~ ``logit_scale``)."""
+    specific_a, specific_b = a.tokens - GENERIC_ROLES, b.tokens - GENERIC_ROLES
+    if specific_a & specific_b:
+        return True
+    if a.orders and b.orders and a.orders[-1] == b.orders[-1]:
+        return True
+    return not specific_a or not specific_b
 
 
 @dataclass(frozen=True)
@@ -138,7 +151,7 @@ def solve_scope(
                 continue
             allowed, penalty, open_orientation = _allowed(chains, conventions.get(orientation_key(source)))
             name_similarity = similarity(source_infos[r], target_infos[c])
-            if name_similarity < MIN_NAME_SIMILARITY:
+            if name_similarity < MIN_NAME_SIMILARITY or not _related(source_infos[r], target_infos[c]):
                 continue
             value = (1.0 - name_similarity) + penalty + (affinity(source, target) if affinity else 0.0)
             cost[r, c] = value

@@ -30,6 +30,7 @@ class Synonyms:
     fused: dict[str, tuple[str, ...]]
     ordinals: dict[str, int]
     not_parameters: frozenset[str]
+    implied_by_leaf: dict[str, str]
 
 
 @functools.lru_cache(maxsize=None)
@@ -37,7 +38,7 @@ def synonyms(path: Path = SYNONYMS_FILE) -> Synonyms:
     import yaml
 
     data = yaml.safe_load(path.read_text())
-    unknown = set(data) - {"roles", "fused", "ordinals", "not_parameters"}
+    unknown = set(data) - {"roles", "fused", "ordinals", "not_parameters", "implied_by_leaf"}
     if unknown:
         raise MatcherError(f"unknown section(s) {sorted(unknown)}", path=str(path))
     role_of: dict[str, str] = {}
@@ -50,7 +51,8 @@ def synonyms(path: Path = SYNONYMS_FILE) -> Synonyms:
     fused = {k.lower(): tuple(v) for k, v in data.get("fused", {}).items()}
     ordinals = {k.lower(): int(v) for k, v in data.get("ordinals", {}).items()}
     not_parameters = frozenset(str(s).lower() for s in data.get("not_parameters", []))
-    return Synonyms(role_of, fused, ordinals, not_parameters)
+    implied = {str(k).lower(): str(v) for k, v in (data.get("implied_by_leaf") or {}).items()}
+    return Synonyms(role_of, fused, ordinals, not_parameters, implied)
 
 
 def is_training_state(path: str) -> bool:
@@ -141,6 +143,12 @@ class NameInfo:
 def describe_names(paths: Sequence[str]) -> dict[str, NameInfo]:
     """NameInfo for each path, with order tokens computed among these paths."""
     ranks = sibling_orders(paths)
+    implied_by_parent: dict[str, set[str]] = defaultdict(set)  # a 'scale' leaf makes its module a norm, bias included
+    for path in paths:
+        parts = segments(path)
+        implied = synonyms().implied_by_leaf.get(parts[-1].lower()) if parts else None
+        if implied:
+            implied_by_parent["/".join(parts[:-1])].add(implied)
     result = {}
     for path in paths:
         parts = segments(path)
@@ -152,6 +160,7 @@ def describe_names(paths: Sequence[str]) -> dict[str, NameInfo]:
             if rank is not None:
                 orders.append(rank)
         last = next(iter(segment_tokens(parts[-1])), parts[-1].lower()) if parts else ""
+        tokens |= implied_by_parent.get("/".join(parts[:-1]), set())
         result[path] = NameInfo(frozenset(tokens), tuple(orders), last, ".".join(words(path)) if parts else "")
     return result
 

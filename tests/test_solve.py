@@ -154,3 +154,22 @@ def test_containment_graph_carries_sizes_and_the_report_names_the_towers():
     towers = {t["source"]: t["target"] for t in report.towers if "layers" not in t}
     assert towers["params/img/enc"] == "vision" and towers["params/txt/enc"] == "text"
     assert "params" not in towers  # holds both towers: no single partner
+
+
+def test_a_fitting_shape_with_unrelated_names_is_not_a_match():
+    # a classifier head (10, 32) and a pooler dense (10, 32): same shape, nothing else in common
+    source = specs({"head.weight": (10, 32), "head.bias": (10,), "norm.weight": (32,)})
+    target = specs({"pooler.dense.weight": (10, 32), "pooler.dense.bias": (10,), "layernorm.weight": (32,)})
+    report = match_trees(source, target)
+    assert [rule.target for rule in report.mapping.rules] == ["layernorm.weight"]
+    assert set(report.unused_sources) == {"head.weight", "head.bias"}
+    assert set(report.unmatched_targets) == {"pooler.dense.weight", "pooler.dense.bias"}
+
+
+def test_a_flax_scale_makes_its_module_a_norm_bias_included():
+    source = specs({"backbone/merged_class_token/scale": (32,), "backbone/merged_class_token/bias": (32,)})
+    target = specs({"layer_norm.weight": (32,), "layer_norm.bias": (32,)})
+    report = match_trees(source, target)
+    assert report.complete
+    assert {r.target: r.sources[0] for r in report.mapping.rules} == {
+        "layer_norm.weight": "backbone/merged_class_token/scale", "layer_norm.bias": "backbone/merged_class_token/bias"}

@@ -19,34 +19,16 @@ from matcher.convert import convert, convert_arrays
 from matcher.errors import MatcherError
 from matcher.mapping import Mapping
 from matcher.ops import apply_chain
-from matcher.sources import open_tree
-from matcher.targets import build_target
 from matcher.tree import ParamTree
 from tests.fixtures import make_chinese_clip
+from tests.families.common import family_fixtures
 from tests.proof import mutants
 
 MAPPING = Path(__file__).resolve().parents[2] / "known_mappings" / "chinese_clip.yaml"
 TOLERANCE = 1e-5
 
 
-@pytest.fixture(scope="module")
-def fixture(tmp_path_factory):
-    return make_chinese_clip.make(tmp_path_factory.mktemp("chinese_clip"))
-
-
-@pytest.fixture(scope="module")
-def mapping():
-    return Mapping.load(MAPPING)
-
-
-@pytest.fixture(scope="module")
-def source_tree(fixture):
-    return open_tree(fixture["source"])
-
-
-@pytest.fixture(scope="module")
-def target(fixture):
-    return build_target("ChineseCLIPModel", fixture["config"])
+fixture, mapping, source_tree, target = family_fixtures(make_chinese_clip.make, MAPPING, "ChineseCLIPModel")
 
 
 @pytest.fixture(scope="module")

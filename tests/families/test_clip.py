@@ -20,34 +20,16 @@ from matcher.convert import convert, convert_arrays
 from matcher.errors import MatcherError
 from matcher.mapping import Mapping
 from matcher.ops import apply_chain
-from matcher.sources import open_tree
-from matcher.targets import build_target
 from matcher.tree import ParamTree
 from tests.fixtures import make_clip, make_clipseg
+from tests.families.common import family_fixtures
 from tests.proof import mutants
 
 MAPPING = Path(__file__).resolve().parents[2] / "known_mappings" / "clip.yaml"
 TOLERANCE = 1e-5
 
 
-@pytest.fixture(scope="module")
-def fixture(tmp_path_factory):
-    return make_clip.make(tmp_path_factory.mktemp("clip"))
-
-
-@pytest.fixture(scope="module")
-def mapping():
-    return Mapping.load(MAPPING)
-
-
-@pytest.fixture(scope="module")
-def source_tree(fixture):
-    return open_tree(fixture["source"])
-
-
-@pytest.fixture(scope="module")
-def target(fixture):
-    return build_target("CLIPModel", fixture["config"])
+fixture, mapping, source_tree, target = family_fixtures(make_clip.make, MAPPING, "CLIPModel")
 
 
 @pytest.fixture(scope="module")

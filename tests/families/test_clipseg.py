@@ -23,10 +23,9 @@ from matcher.convert import convert, convert_arrays
 from matcher.errors import MatcherError
 from matcher.mapping import Mapping
 from matcher.ops import apply_chain
-from matcher.sources import open_tree
-from matcher.targets import build_target
 from matcher.tree import ParamTree
 from tests.fixtures import make_clipseg
+from tests.families.common import family_fixtures
 from tests.proof import mutants
 
 KNOWN = Path(__file__).resolve().parents[2] / "known_mappings"
@@ -34,24 +33,7 @@ MAPPING = KNOWN / "clipseg.yaml"
 TOLERANCE = 1e-5
 
 
-@pytest.fixture(scope="module")
-def fixture(tmp_path_factory):
-    return make_clipseg.make(tmp_path_factory.mktemp("clipseg"))
-
-
-@pytest.fixture(scope="module")
-def mapping():
-    return Mapping.load(MAPPING)
-
-
-@pytest.fixture(scope="module")
-def source_tree(fixture):
-    return open_tree(fixture["source"])
-
-
-@pytest.fixture(scope="module")
-def target(fixture):
-    return build_target("CLIPSegForImageSegmentation", fixture["config"])
+fixture, mapping, source_tree, target = family_fixtures(make_clipseg.make, MAPPING, "CLIPSegForImageSegmentation")
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,9 @@ from matcher.convert import convert, convert_arrays
 from matcher.errors import MatcherError
 from matcher.mapping import Mapping
 from matcher.ops import Transpose, apply_chain
-from matcher.sources import open_tree
-from matcher.targets import build_target
 from matcher.tree import ParamTree
 from tests.fixtures import make_owlvit
+from tests.families.common import family_fixtures
 from tests.proof import mutants
 
 MAPPING = Path(__file__).resolve().parents[2] / "known_mappings" / "owlvit.yaml"
@@ -35,24 +34,7 @@ NO_SOURCE = {"owlvit.visual_projection.weight"}  # declared `initialised`: the c
 OUTPUTS = ("logits", "pred_boxes", "image_embeds", "text_embeds", "class_embeds")
 
 
-@pytest.fixture(scope="module")
-def fixture(tmp_path_factory):
-    return make_owlvit.make(tmp_path_factory.mktemp("owlvit"))
-
-
-@pytest.fixture(scope="module")
-def mapping():
-    return Mapping.load(MAPPING)
-
-
-@pytest.fixture(scope="module")
-def source_tree(fixture):
-    return open_tree(fixture["source"])
-
-
-@pytest.fixture(scope="module")
-def target(fixture):
-    return build_target("OwlViTForObjectDetection", fixture["config"])
+fixture, mapping, source_tree, target = family_fixtures(make_owlvit.make, MAPPING, "OwlViTForObjectDetection")
 
 
 @pytest.fixture(scope="module")

@@ -7,28 +7,20 @@ mapping back to the checkpoint bit-exactly, and rejects every mapping one mistak
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import ChineseCLIPModel
 
-from matcher.convert import convert, convert_arrays
-from matcher.errors import MatcherError
-from matcher.mapping import Mapping
-from matcher.ops import apply_chain
-from matcher.tree import ParamTree
+from matcher.convert import convert_arrays
 from tests.fixtures import make_chinese_clip
-from tests.families.common import family_fixtures
+from tests.families.common import KNOWN, assert_loaded_cleanly, assert_outputs_match, assert_reverse_gives_back
+from tests.families.common import assert_same_tensors, complete_expansion, family_fixtures, in_memory, model_check
+from tests.families.common import mutant_survivors, written_weights
 from tests.proof import mutants
 
-MAPPING = Path(__file__).resolve().parents[2] / "known_mappings" / "chinese_clip.yaml"
-TOLERANCE = 1e-5
-
-
-fixture, mapping, source_tree, target = family_fixtures(make_chinese_clip.make, MAPPING, "ChineseCLIPModel")
+fixture, mapping, source_tree, target, converted_dir = family_fixtures(
+    make_chinese_clip.make, KNOWN / "chinese_clip.yaml", "ChineseCLIPModel"
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +60,6 @@ def outputs_of(model: ChineseCLIPModel, inputs, pad_id: int) -> dict[str, torch.
             "text": model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output,
             "logits": model(input_ids=ids, attention_mask=mask, pixel_values=images).logits_per_image,
         }
-
-
-def max_differences(got: dict, want: dict) -> dict[str, float]:
-    return {name: (got[name] - want[name]).abs().max().item() for name in want}
 
 
 def seed_converter(pt_weights: dict[str, torch.Tensor], model: ChineseCLIPModel) -> dict[str, torch.Tensor]:
@@ -121,47 +109,33 @@ def test_fixture_is_saved_like_a_released_cn_clip_checkpoint(fixture, source_tre
 
 
 def test_mapping_covers_the_checkpoint_and_the_model_exactly(mapping, source_tree, target):
-    expansion = mapping.expand(source_tree.specs, target.tree.specs)
-    assert expansion.complete, expansion.summary()
+    expansion = complete_expansion(mapping, source_tree, target.tree)
     assert expansion.dropped == [] and expansion.initialised == []
 
 
 # ---------------------------------------------------------------------------- a. conversion
 
 
-@pytest.fixture(scope="module")
-def converted_dir(fixture, mapping, tmp_path_factory):
-    out = tmp_path_factory.mktemp("chinese_clip_converted") / "hf"
-    return convert(fixture["source"], "ChineseCLIPModel", fixture["config"], mapping, out)
-
-
 def test_converted_model_loads_without_missing_or_unexpected_keys(converted_dir):
     _, info = ChineseCLIPModel.from_pretrained(converted_dir, output_loading_info=True)
-    assert not info["missing_keys"]
-    assert not info["unexpected_keys"]
-    assert not info["mismatched_keys"]
-    assert not info.get("error_msgs")
+    assert_loaded_cleanly(info)
 
 
 def test_converted_model_computes_what_cn_clip_computes(converted_dir, inputs, expected, fixture):
     model = ChineseCLIPModel.from_pretrained(converted_dir).float().eval()
-    differences = max_differences(outputs_of(model, inputs, fixture["pad_id"]), expected)
-    assert all(d <= TOLERANCE for d in differences.values()), differences
+    assert_outputs_match(outputs_of(model, inputs, fixture["pad_id"]), expected)
 
 
 def test_written_weights_equal_the_seed_converter_bit_for_bit(converted_dir, original):
-    written = load_file(converted_dir / "model.safetensors")
     reference = seed_converter(dict(original.state_dict()), ChineseCLIPModel(make_chinese_clip.target_config()).eval())
-    assert written.keys() == reference.keys()
-    different = [key for key in reference if not torch.equal(written[key], reference[key])]
-    assert different == []
+    assert_same_tensors(written_weights(converted_dir), reference)
 
 
 def test_from_pretrained_keeps_the_written_weights_except_the_pad_embedding_row(converted_dir, fixture):
     """transformers 5's ChineseCLIP _init_weights zeroes word_embeddings[pad_token_id] after loading
     (it zeroes an indexed view, which lacks the loaded tensor's _is_hf_initialized flag). cn_clip masks
     [PAD] tokens, so the features do not change; everything else must load exactly as written."""
-    written = load_file(converted_dir / "model.safetensors")
+    written = written_weights(converted_dir)
     loaded = ChineseCLIPModel.from_pretrained(converted_dir).state_dict()
     pad, words = fixture["pad_id"], "text_model.embeddings.word_embeddings.weight"
     assert written[words][pad].abs().max() > 0  # the checkpoint's [PAD] row is not zero...
@@ -175,16 +149,8 @@ def test_from_pretrained_keeps_the_written_weights_except_the_pad_embedding_row(
 
 
 def test_reverse_mapping_gives_back_the_checkpoint_bit_exactly(mapping, source_tree, target):
-    forward = convert_arrays(source_tree, target.tree, mapping)
-    backward = mapping.reverse(source_tree.shapes())
-    expansion = backward.expand(forward.keys(), source_tree.specs)
-    assert expansion.complete, expansion.summary()
-    restored = {rule.target: np.asarray(apply_chain(rule.ops, [forward[s] for s in rule.sources])) for rule in expansion.rules}
-    assert restored.keys() == set(source_tree.specs)
-    for key, array in restored.items():
-        original = np.asarray(source_tree.read(key))
-        assert array.dtype == original.dtype and array.shape == original.shape, key
-        assert np.array_equal(array, original), key
+    expansion = assert_reverse_gives_back(mapping, source_tree, convert_arrays(source_tree, target.tree, mapping))
+    assert expansion.initialised == []  # every tensor of the checkpoint comes back
 
 
 # ---------------------------------------------------------------------------- c. mutants
@@ -192,24 +158,8 @@ def test_reverse_mapping_gives_back_the_checkpoint_bit_exactly(mapping, source_t
 
 def test_every_mapping_one_mistake_away_is_rejected(mapping, source_tree, target, inputs, expected, fixture):
     model = ChineseCLIPModel(make_chinese_clip.target_config()).eval()
-    arrays = {key: source_tree.read(key) for key in source_tree.specs}
-    source = ParamTree.from_arrays(arrays)  # read the file once; every mutant converts from memory
-
-    def rejection(mutant: Mapping) -> str | None:
-        try:
-            state = convert_arrays(source, target.tree, mutant)
-        except MatcherError as exc:
-            return f"conversion refused: {exc}"
-        result = model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            return f"load reports missing {result.missing_keys} unexpected {result.unexpected_keys}"
-        differences = max_differences(outputs_of(model, inputs, fixture["pad_id"]), expected)
-        if max(differences.values()) > TOLERANCE:
-            return f"outputs differ: {differences}"
-        return None
-
-    assert rejection(mapping) is None  # the proof passes on the real mapping...
+    check = model_check(model, lambda m: outputs_of(m, inputs, fixture["pad_id"]), expected)
     all_mutants = list(mutants(mapping))
     assert len(all_mutants) == len(mapping.rules) + 2  # every rule removed once; two transposes flipped
-    survivors = [description for description, mutant in all_mutants if rejection(mutant) is None]
-    assert survivors == []  # ...and fails on every mutant
+    # the proof passes on the real mapping and fails on every mutant
+    assert mutant_survivors(mapping, all_mutants, in_memory(source_tree), target.tree, check) == []

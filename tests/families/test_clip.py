@@ -8,28 +8,18 @@ bit-exactly, and rejects every mapping one mistake away.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import CLIPModel
 
-from matcher.convert import convert, convert_arrays
-from matcher.errors import MatcherError
-from matcher.mapping import Mapping
-from matcher.ops import apply_chain
-from matcher.tree import ParamTree
+from matcher.convert import convert_arrays
 from tests.fixtures import make_clip, make_clipseg
-from tests.families.common import family_fixtures
+from tests.families.common import KNOWN, assert_loaded_cleanly, assert_outputs_match, assert_reverse_gives_back
+from tests.families.common import assert_same_tensors, complete_expansion, family_fixtures, in_memory, model_check
+from tests.families.common import mutant_survivors, openai_clip_inputs, written_weights
 from tests.proof import mutants
 
-MAPPING = Path(__file__).resolve().parents[2] / "known_mappings" / "clip.yaml"
-TOLERANCE = 1e-5
-
-
-fixture, mapping, source_tree, target = family_fixtures(make_clip.make, MAPPING, "CLIPModel")
+fixture, mapping, source_tree, target, converted_dir = family_fixtures(make_clip.make, KNOWN / "clip.yaml", "CLIPModel")
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +31,7 @@ def original(fixture):
 @pytest.fixture(scope="module")
 def inputs(fixture):
     """Three images and three token rows ending in end-of-text at different places, zero-padded after it."""
-    generator = torch.Generator().manual_seed(0)
-    size, length, eot = fixture["hparams"]["image_resolution"], fixture["hparams"]["context_length"], fixture["eot_token"]
-    images = torch.randn(3, 3, size, size, generator=generator)
-    ids = torch.randint(1, eot, (3, length), generator=generator)
-    for row, end in enumerate((5, length - 1, 9)):
-        ids[row, end] = eot
-        ids[row, end + 1 :] = 0
-    return images, ids
+    return openai_clip_inputs(fixture["hparams"], fixture["eot_token"])
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +55,6 @@ def outputs_of(model: CLIPModel, inputs) -> dict[str, torch.Tensor]:
         }
 
 
-def max_differences(got: dict, want: dict) -> dict[str, float]:
-    return {name: (got[name] - want[name]).abs().max().item() for name in want}
-
-
 # ---------------------------------------------------------------------------- the file
 
 
@@ -86,66 +65,40 @@ def test_fixture_is_an_openai_clip_state_dict(source_tree, original):
 
 
 def test_mapping_covers_the_checkpoint_and_the_model_exactly(mapping, source_tree, target):
-    expansion = mapping.expand(source_tree.specs, target.tree.specs)
-    assert expansion.complete, expansion.summary()
+    expansion = complete_expansion(mapping, source_tree, target.tree)
     assert expansion.dropped == [] and expansion.initialised == []
 
 
 # ---------------------------------------------------------------------------- a. conversion
 
 
-@pytest.fixture(scope="module")
-def converted_dir(fixture, mapping, tmp_path_factory):
-    out = tmp_path_factory.mktemp("clip_converted") / "hf"
-    return convert(fixture["source"], "CLIPModel", fixture["config"], mapping, out)
-
-
 def test_converted_model_loads_without_missing_or_unexpected_keys(converted_dir):
     _, info = CLIPModel.from_pretrained(converted_dir, output_loading_info=True)
-    assert not info["missing_keys"]
-    assert not info["unexpected_keys"]
-    assert not info["mismatched_keys"]
-    assert not info.get("error_msgs")
+    assert_loaded_cleanly(info)
 
 
 def test_converted_model_computes_what_openai_clip_computes(converted_dir, inputs, expected):
     model = CLIPModel.from_pretrained(converted_dir).float().eval()
-    differences = max_differences(outputs_of(model, inputs), expected)
-    assert all(d <= TOLERANCE for d in differences.values()), differences
+    assert_outputs_match(outputs_of(model, inputs), expected)
 
 
 def test_written_weights_equal_the_seed_renames_bit_for_bit(converted_dir, original):
     """Seed 002 converts the OpenAI CLIP inside a CLIPSeg checkpoint (`clip_model.` -> `clip.`)."""
-    written = load_file(converted_dir / "model.safetensors")
     inside_clipseg = {f"clip_model.{key}": value for key, value in original.state_dict().items()}
     reference = make_clipseg.seed_converter(inside_clipseg, make_clip.target_config())
-    reference = {key.removeprefix("clip."): value for key, value in reference.items()}
-    assert written.keys() == reference.keys()
-    different = [key for key in reference if not torch.equal(written[key], reference[key])]
-    assert different == []
+    assert_same_tensors(written_weights(converted_dir), {key.removeprefix("clip."): value for key, value in reference.items()})
 
 
 def test_from_pretrained_keeps_the_written_weights(converted_dir):
-    written = load_file(converted_dir / "model.safetensors")
-    loaded = CLIPModel.from_pretrained(converted_dir).state_dict()
-    assert loaded.keys() == written.keys()
-    assert [key for key in written if not torch.equal(loaded[key], written[key])] == []
+    assert_same_tensors(CLIPModel.from_pretrained(converted_dir).state_dict(), written_weights(converted_dir))
 
 
 # ---------------------------------------------------------------------------- b. round trip
 
 
 def test_reverse_mapping_gives_back_the_checkpoint_bit_exactly(mapping, source_tree, target):
-    forward = convert_arrays(source_tree, target.tree, mapping)
-    backward = mapping.reverse(source_tree.shapes())
-    expansion = backward.expand(forward.keys(), source_tree.specs)
-    assert expansion.complete, expansion.summary()
-    restored = {rule.target: np.asarray(apply_chain(rule.ops, [forward[s] for s in rule.sources])) for rule in expansion.rules}
-    assert restored.keys() == set(source_tree.specs)
-    for key, array in restored.items():
-        original = np.asarray(source_tree.read(key))
-        assert array.dtype == original.dtype and array.shape == original.shape, key
-        assert np.array_equal(array, original), key
+    expansion = assert_reverse_gives_back(mapping, source_tree, convert_arrays(source_tree, target.tree, mapping))
+    assert expansion.initialised == []  # every tensor of the checkpoint comes back
 
 
 # ---------------------------------------------------------------------------- c. mutants
@@ -153,24 +106,8 @@ def test_reverse_mapping_gives_back_the_checkpoint_bit_exactly(mapping, source_t
 
 def test_every_mapping_one_mistake_away_is_rejected(mapping, source_tree, target, inputs, expected):
     model = CLIPModel(make_clip.target_config()).eval()
-    arrays = {key: source_tree.read(key) for key in source_tree.specs}
-    source = ParamTree.from_arrays(arrays)  # read the file once; every mutant converts from memory
-
-    def rejection(mutant: Mapping) -> str | None:
-        try:
-            state = convert_arrays(source, target.tree, mutant)
-        except MatcherError as exc:
-            return f"conversion refused: {exc}"
-        result = model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            return f"load reports missing {result.missing_keys} unexpected {result.unexpected_keys}"
-        differences = max_differences(outputs_of(model, inputs), expected)
-        if max(differences.values()) > TOLERANCE:
-            return f"outputs differ: {differences}"
-        return None
-
-    assert rejection(mapping) is None  # the proof passes on the real mapping...
+    check = model_check(model, lambda m: outputs_of(m, inputs), expected)
     all_mutants = list(mutants(mapping))
     assert len(all_mutants) == len(mapping.rules) + 2  # every rule removed once; both projections' transposes flipped
-    survivors = [description for description, mutant in all_mutants if rejection(mutant) is None]
-    assert survivors == []  # ...and fails on every mutant
+    # the proof passes on the real mapping and fails on every mutant
+    assert mutant_survivors(mapping, all_mutants, in_memory(source_tree), target.tree, check) == []

@@ -11,29 +11,21 @@ one mistake away is rejected; and the CLIP part says exactly what known_mappings
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import CLIPSegForImageSegmentation
 
-from matcher.convert import convert, convert_arrays
-from matcher.errors import MatcherError
+from matcher.convert import convert_arrays
 from matcher.mapping import Mapping
-from matcher.ops import apply_chain
-from matcher.tree import ParamTree
 from tests.fixtures import make_clipseg
-from tests.families.common import family_fixtures
+from tests.families.common import KNOWN, assert_loaded_cleanly, assert_outputs_match, assert_reverse_gives_back
+from tests.families.common import assert_same_tensors, complete_expansion, family_fixtures, in_memory, model_check
+from tests.families.common import mutant_survivors, openai_clip_inputs, written_weights
 from tests.proof import mutants
 
-KNOWN = Path(__file__).resolve().parents[2] / "known_mappings"
-MAPPING = KNOWN / "clipseg.yaml"
-TOLERANCE = 1e-5
-
-
-fixture, mapping, source_tree, target = family_fixtures(make_clipseg.make, MAPPING, "CLIPSegForImageSegmentation")
+fixture, mapping, source_tree, target, converted_dir = family_fixtures(
+    make_clipseg.make, KNOWN / "clipseg.yaml", "CLIPSegForImageSegmentation"
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +43,7 @@ def random_model(fixture):
 @pytest.fixture(scope="module")
 def inputs(fixture):
     """Three query images and three text prompts ending in end-of-text at different places."""
-    generator = torch.Generator().manual_seed(0)
-    clip_hparams, eot = fixture["clip_hparams"], fixture["eot_token"]
-    size, length = clip_hparams["image_resolution"], clip_hparams["context_length"]
-    images = torch.randn(3, 3, size, size, generator=generator)
-    ids = torch.randint(1, eot, (3, length), generator=generator)
-    for row, end in enumerate((5, length - 1, 9)):
-        ids[row, end] = eot
-        ids[row, end + 1 :] = 0
-    return images, ids
+    return openai_clip_inputs(fixture["clip_hparams"], fixture["eot_token"])
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +65,6 @@ def outputs_of(model: CLIPSegForImageSegmentation, inputs) -> dict[str, torch.Te
     return {"logits": out.logits, "conditional": out.conditional_embeddings, "pooled": pooled}
 
 
-def max_differences(got: dict, want: dict) -> dict[str, float]:
-    return {name: (got[name] - want[name]).abs().max().item() for name in want}
-
-
 # ---------------------------------------------------------------------------- the file and the mapping
 
 
@@ -100,8 +80,7 @@ def test_fixture_holds_what_a_clipseg_checkpoint_holds(fixture, source_tree, ori
 
 
 def test_mapping_covers_the_checkpoint_and_the_model_exactly(mapping, source_tree, target):
-    expansion = mapping.expand(source_tree.specs, target.tree.specs)
-    assert expansion.complete, expansion.summary()
+    expansion = complete_expansion(mapping, source_tree, target.tree)
     dropped = set(expansion.dropped)
     assert dropped == {k for k in source_tree.specs if k.startswith("model.")} | {"reduce.weight", "reduce.bias"}
     assert expansion.initialised == []
@@ -120,12 +99,6 @@ def test_clip_part_is_known_mappings_clip_under_the_clip_model_prefix(mapping):
 
 
 @pytest.fixture(scope="module")
-def converted_dir(fixture, mapping, tmp_path_factory):
-    out = tmp_path_factory.mktemp("clipseg_converted") / "hf"
-    return convert(fixture["source"], "CLIPSegForImageSegmentation", fixture["config"], mapping, out)
-
-
-@pytest.fixture(scope="module")
 def converted(converted_dir):
     model, info = CLIPSegForImageSegmentation.from_pretrained(converted_dir, output_loading_info=True)
     return model.float().eval(), info
@@ -133,29 +106,22 @@ def converted(converted_dir):
 
 def test_converted_model_loads_without_missing_or_unexpected_keys(converted):
     _, info = converted
-    assert not info["missing_keys"]
-    assert not info["unexpected_keys"]
-    assert not info["mismatched_keys"]
-    assert not info.get("error_msgs")
+    assert_loaded_cleanly(info)
 
 
 def test_converted_model_is_the_random_model_it_came_from(converted, random_model, inputs):
     model, _ = converted
-    got, want = model.state_dict(), random_model.state_dict()
-    assert got.keys() == want.keys()
-    assert [key for key in want if not torch.equal(got[key], want[key])] == []
-    differences = max_differences(outputs_of(model, inputs), outputs_of(random_model, inputs))
-    assert all(d <= TOLERANCE for d in differences.values()), differences
+    assert_same_tensors(model.state_dict(), random_model.state_dict())
+    assert_outputs_match(outputs_of(model, inputs), outputs_of(random_model, inputs))
 
 
 def test_converted_model_computes_what_clipseg_computes(converted, inputs, expected):
     model, _ = converted
-    differences = max_differences(outputs_of(model, inputs), expected)
-    assert all(d <= TOLERANCE for d in differences.values()), differences
+    assert_outputs_match(outputs_of(model, inputs), expected)
 
 
 def test_written_weights_equal_the_seed_converter_bit_for_bit(converted_dir, fixture):
-    written = load_file(converted_dir / "model.safetensors")
+    written = written_weights(converted_dir)
     raw = torch.load(fixture["source"], map_location="cpu", weights_only=True)
     reference = make_clipseg.seed_converter(raw, make_clipseg.target_config())
     # the seed loads with strict=False and expects exactly these two unexpected keys: the unused `reduce`
@@ -168,18 +134,9 @@ def test_written_weights_equal_the_seed_converter_bit_for_bit(converted_dir, fix
 
 
 def test_reverse_mapping_gives_back_the_checkpoint_bit_exactly(mapping, source_tree, target):
-    forward = convert_arrays(source_tree, target.tree, mapping)
-    backward = mapping.reverse(source_tree.shapes())
-    expansion = backward.expand(forward.keys(), source_tree.specs)
-    assert expansion.complete, expansion.summary()
+    expansion = assert_reverse_gives_back(mapping, source_tree, convert_arrays(source_tree, target.tree, mapping))
     # what the forward mapping drops is all the reverse cannot restore
     assert set(expansion.initialised) == {k for k in source_tree.specs if k.startswith("model.") or k.startswith("reduce.")}
-    restored = {rule.target: np.asarray(apply_chain(rule.ops, [forward[s] for s in rule.sources])) for rule in expansion.rules}
-    assert restored.keys() == set(source_tree.specs) - set(expansion.initialised)
-    for key, array in restored.items():
-        original = np.asarray(source_tree.read(key))
-        assert array.dtype == original.dtype and array.shape == original.shape, key
-        assert np.array_equal(array, original), key
 
 
 # ---------------------------------------------------------------------------- c. mutants
@@ -187,24 +144,8 @@ def test_reverse_mapping_gives_back_the_checkpoint_bit_exactly(mapping, source_t
 
 def test_every_mapping_one_mistake_away_is_rejected(mapping, source_tree, target, inputs, expected):
     model = CLIPSegForImageSegmentation(make_clipseg.target_config()).eval()
-    arrays = {key: source_tree.read(key) for key in source_tree.specs}
-    source = ParamTree.from_arrays(arrays)  # read the file once; every mutant converts from memory
-
-    def rejection(mutant: Mapping) -> str | None:
-        try:
-            state = convert_arrays(source, target.tree, mutant)
-        except MatcherError as exc:
-            return f"conversion refused: {exc}"
-        result = model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            return f"load reports missing {result.missing_keys} unexpected {result.unexpected_keys}"
-        differences = max_differences(outputs_of(model, inputs), expected)
-        if max(differences.values()) > TOLERANCE:
-            return f"outputs differ: {differences}"
-        return None
-
-    assert rejection(mapping) is None  # the proof passes on the real mapping...
+    check = model_check(model, lambda m: outputs_of(m, inputs), expected)
     all_mutants = list(mutants(mapping))
     assert len(all_mutants) == len(mapping.rules) + 2  # every rule removed once; both projections' transposes flipped
-    survivors = [description for description, mutant in all_mutants if rejection(mutant) is None]
-    assert survivors == []  # ...and fails on every mutant
+    # the proof passes on the real mapping and fails on every mutant
+    assert mutant_survivors(mapping, all_mutants, in_memory(source_tree), target.tree, check) == []

@@ -10,31 +10,26 @@ the checkpoint bit-exactly, and rejects every mapping one mistake away.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import OwlViTForObjectDetection, OwlViTModel
 
-from matcher.convert import convert, convert_arrays
-from matcher.errors import MatcherError
-from matcher.mapping import Mapping
-from matcher.ops import Transpose, apply_chain
-from matcher.tree import ParamTree
+from matcher.convert import convert_arrays
+from matcher.ops import Transpose
 from tests.fixtures import make_owlvit
-from tests.families.common import family_fixtures
+from tests.families.common import KNOWN, assert_loaded_cleanly, assert_outputs_match, assert_reverse_gives_back
+from tests.families.common import assert_same_tensors, complete_expansion, family_fixtures, in_memory, model_check
+from tests.families.common import mutant_survivors, written_weights
 from tests.proof import mutants
 
-MAPPING = Path(__file__).resolve().parents[2] / "known_mappings" / "owlvit.yaml"
-TOLERANCE = 1e-5
 PREFIX = make_owlvit.PREFIX
 NO_SOURCE = {"owlvit.visual_projection.weight"}  # declared `initialised`: the checkpoint has no visual/proj
 OUTPUTS = ("logits", "pred_boxes", "image_embeds", "text_embeds", "class_embeds")
 
-
-fixture, mapping, source_tree, target = family_fixtures(make_owlvit.make, MAPPING, "OwlViTForObjectDetection")
+fixture, mapping, source_tree, target, converted_dir = family_fixtures(
+    make_owlvit.make, KNOWN / "owlvit.yaml", "OwlViTForObjectDetection"
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +61,6 @@ def outputs_of(model: OwlViTForObjectDetection, inputs) -> dict[str, torch.Tenso
 @pytest.fixture(scope="module")
 def expected(original, inputs):
     return outputs_of(original, inputs)
-
-
-def max_differences(got: dict, want: dict) -> dict[str, float]:
-    return {name: (got[name] - want[name]).abs().max().item() for name in want}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
@@ -253,8 +244,7 @@ def test_fixture_has_the_scenic_module_layout(source_tree):
 
 
 def test_mapping_covers_the_checkpoint_and_the_model_exactly(mapping, source_tree, target):
-    expansion = mapping.expand(source_tree.specs, target.tree.specs)
-    assert expansion.complete, expansion.summary()
+    expansion = complete_expansion(mapping, source_tree, target.tree)
     assert set(expansion.initialised) == NO_SOURCE
     unused_params = {key for key in expansion.dropped if key.startswith(PREFIX)}
     assert unused_params == {PREFIX + "class_head/padding", PREFIX + "class_head/padding_bias"}
@@ -264,57 +254,34 @@ def test_mapping_covers_the_checkpoint_and_the_model_exactly(mapping, source_tre
 # ---------------------------------------------------------------------------- a. conversion
 
 
-@pytest.fixture(scope="module")
-def converted_dir(fixture, mapping, tmp_path_factory):
-    out = tmp_path_factory.mktemp("owlvit_converted") / "hf"
-    return convert(fixture["source"], "OwlViTForObjectDetection", fixture["config"], mapping, out)
-
-
 def test_converted_model_loads_with_only_the_declared_initialised_key_missing(converted_dir):
     _, info = OwlViTForObjectDetection.from_pretrained(converted_dir, output_loading_info=True)
-    assert set(info["missing_keys"]) == NO_SOURCE
-    assert not info["unexpected_keys"]
-    assert not info["mismatched_keys"]
-    assert not info.get("error_msgs")
+    assert_loaded_cleanly(info, allowed_missing=NO_SOURCE)
 
 
 def test_converted_model_detects_what_the_original_model_detects(converted_dir, inputs, expected):
     model = OwlViTForObjectDetection.from_pretrained(converted_dir).float().eval()
-    differences = max_differences(outputs_of(model, inputs), expected)
-    assert all(d <= TOLERANCE for d in differences.values()), differences
+    assert_outputs_match(outputs_of(model, inputs), expected)
 
 
 def test_written_weights_equal_the_original_model_bit_for_bit(converted_dir, original):
-    written = load_file(converted_dir / "model.safetensors")
     reference = original.state_dict()
-    assert written.keys() == reference.keys() - NO_SOURCE
-    different = [key for key in written if not torch.equal(written[key], reference[key])]
-    assert different == []
+    assert NO_SOURCE <= reference.keys()
+    assert_same_tensors(written_weights(converted_dir), {k: v for k, v in reference.items() if k not in NO_SOURCE})
 
 
 def test_written_weights_equal_the_seed_converter_bit_for_bit(converted_dir, fixture):
-    written = load_file(converted_dir / "model.safetensors")
     reference = seed_converter(restore_like_the_seed(fixture["source"]), make_owlvit.target_config())
-    assert written.keys() == reference.keys() - NO_SOURCE
-    different = [key for key in written if not torch.equal(written[key], reference[key])]
-    assert different == []
+    assert NO_SOURCE <= reference.keys()
+    assert_same_tensors(written_weights(converted_dir), {k: v for k, v in reference.items() if k not in NO_SOURCE})
 
 
 # ---------------------------------------------------------------------------- b. round trip
 
 
 def test_reverse_mapping_gives_back_the_checkpoint_bit_exactly(mapping, source_tree, target):
-    forward = convert_arrays(source_tree, target.tree, mapping)
-    backward = mapping.reverse(source_tree.shapes())
-    expansion = backward.expand(forward.keys(), source_tree.specs)
-    assert expansion.complete, expansion.summary()
-    restored = {rule.target: np.asarray(apply_chain(rule.ops, [forward[s] for s in rule.sources])) for rule in expansion.rules}
     # everything but what the mapping drops (the padding leftovers and the optimizer state) comes back
-    assert restored.keys() == set(source_tree.specs) - set(expansion.initialised)
-    for key, array in restored.items():
-        original = np.asarray(source_tree.read(key))
-        assert array.dtype == original.dtype and array.shape == original.shape, key
-        assert np.array_equal(array, original), key
+    assert_reverse_gives_back(mapping, source_tree, convert_arrays(source_tree, target.tree, mapping))
 
 
 # ---------------------------------------------------------------------------- c. mutants
@@ -322,25 +289,10 @@ def test_reverse_mapping_gives_back_the_checkpoint_bit_exactly(mapping, source_t
 
 def test_every_mapping_one_mistake_away_is_rejected(mapping, source_tree, target, inputs, expected):
     model = OwlViTForObjectDetection(make_owlvit.target_config()).eval()
-    source = ParamTree.from_arrays({key: source_tree.read(key) for key in source_tree.specs})
-
-    def rejection(mutant: Mapping) -> str | None:
-        try:
-            state = convert_arrays(source, target.tree, mutant)
-        except MatcherError as exc:
-            return f"conversion refused: {exc}"
-        result = model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=False)
-        if set(result.missing_keys) - NO_SOURCE or result.unexpected_keys:
-            return f"load reports missing {result.missing_keys} unexpected {result.unexpected_keys}"
-        differences = max_differences(outputs_of(model, inputs), expected)
-        if max(differences.values()) > TOLERANCE:
-            return f"outputs differ: {differences}"
-        return None
-
-    assert rejection(mapping) is None  # the proof passes on the real mapping...
+    check = model_check(model, lambda m: outputs_of(m, inputs), expected, allowed_missing=NO_SOURCE)
     all_mutants = list(mutants(mapping))
     transposes = sum(isinstance(op, Transpose) for rule in mapping.rules for op in rule.ops)
     assert transposes == 18
     assert len(all_mutants) == len(mapping.rules) + transposes  # every rule removed once; every transpose flipped
-    survivors = [description for description, mutant in all_mutants if rejection(mutant) is None]
-    assert survivors == []  # ...and fails on every mutant
+    # the proof passes on the real mapping and fails on every mutant
+    assert mutant_survivors(mapping, all_mutants, in_memory(source_tree), target.tree, check) == []

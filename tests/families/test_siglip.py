@@ -18,18 +18,17 @@ import numpy as np
 import pytest
 import torch
 
-from matcher.convert import convert, convert_arrays
+from matcher.convert import convert
 from matcher.errors import MatcherError
 from matcher.mapping import Mapping
-from matcher.ops import apply_chain
 from matcher.sources import open_tree
 from matcher.targets import build_target
-from matcher.tree import ParamTree
 from tests.fixtures import make_siglip
+from tests.families.common import TOLERANCE, assert_loaded_cleanly, assert_outputs_match, assert_reverse_gives_back
+from tests.families.common import in_memory, max_differences, model_check, rejection
 from tests.proof import mutants
 
 MAPPING_PATH = make_siglip.MAPPING
-TOLERANCE = 1e-5
 KNOWN_RULES = len(Mapping.load(MAPPING_PATH).rules)
 MUTANTS = list(mutants(Mapping.load(MAPPING_PATH)))
 
@@ -75,10 +74,6 @@ def siglip_outputs(model, inputs) -> dict[str, torch.Tensor]:
     }
 
 
-def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
-    return {name: float((a[name] - b[name]).abs().max()) for name in a}
-
-
 @pytest.fixture(scope="module")
 def original_outputs(fixture, config, inputs):
     model = make_siglip.reference_model(config, fixture["reference_arrays"])
@@ -100,10 +95,7 @@ def converted(fixture, mapping, tmp_path_factory):
 
 
 def test_converted_checkpoint_loads_without_missing_unexpected_or_mismatched_keys(converted):
-    info = converted["info"]
-    assert not info["missing_keys"]
-    assert not info["unexpected_keys"]
-    assert not info["mismatched_keys"]
+    assert_loaded_cleanly(converted["info"])
 
 
 def test_converted_weights_equal_the_weights_the_checkpoint_was_made_from(converted, fixture):
@@ -116,8 +108,7 @@ def test_converted_weights_equal_the_weights_the_checkpoint_was_made_from(conver
 
 
 def test_converted_model_computes_what_the_original_model_computes(converted, inputs, original_outputs):
-    diffs = max_diff(siglip_outputs(converted["model"], inputs), original_outputs)
-    assert max(diffs.values()) <= TOLERANCE, diffs
+    assert_outputs_match(siglip_outputs(converted["model"], inputs), original_outputs)
 
 
 # ---------------------------------------------------------------------------- independent big_vision readers
@@ -232,8 +223,7 @@ def test_open_clip_reads_the_fixture_into_the_model_we_convert_it_to(fixture, co
     monkeypatch.undo()
 
     assert opened[0].read == set(np.load(fixture["source"]).files), "open_clip ignores arrays the fixture holds"
-    diffs = max_diff(open_clip_outputs(model, inputs), siglip_outputs(converted["model"], inputs))
-    assert max(diffs.values()) <= TOLERANCE, diffs
+    assert_outputs_match(open_clip_outputs(model, inputs), siglip_outputs(converted["model"], inputs))
 
 
 # A mutant that flips a transpose on a square kernel is self-consistent: the fixture written by its
@@ -259,7 +249,7 @@ def test_open_clip_tells_a_fixture_written_by_a_mutant_from_the_real_layout(
         assert "shape" in str(exc)
         return
     load_big_vision_weights(open_clip_model, make_siglip.write_npz(tmp_path / "mutant.npz", arrays))
-    diffs = max_diff(open_clip_outputs(open_clip_model, inputs), original_outputs)
+    diffs = max_differences(open_clip_outputs(open_clip_model, inputs), original_outputs)
     assert max(diffs.values()) > TOLERANCE, diffs
 
 
@@ -281,17 +271,9 @@ def test_timm_reads_the_image_tower_of_the_fixture_into_the_model_we_convert_it_
 def test_reverse_mapping_gives_back_the_big_vision_arrays_bit_exactly(mapping, fixture, converted):
     from safetensors.numpy import load_file
 
-    source = open_tree(fixture["source"])
-    reverse = mapping.reverse(source.shapes())
     converted_arrays = load_file(str(Path(converted["dir"]) / "model.safetensors"))
-    expansion = reverse.expand(converted_arrays, source.keys())
-    assert expansion.complete, expansion.summary()
-    restored = {r.target: apply_chain(r.ops, [converted_arrays[s] for s in r.sources]) for r in expansion.rules}
-    assert set(restored) == set(source.keys())
-    for key in source.keys():
-        original = source.read(key)
-        assert restored[key].dtype == original.dtype and restored[key].shape == original.shape, key
-        assert np.array_equal(restored[key], original), key
+    expansion = assert_reverse_gives_back(mapping, open_tree(fixture["source"]), converted_arrays)
+    assert expansion.initialised == []  # every array of the checkpoint comes back
 
 
 # ---------------------------------------------------------------------------- c. mutations
@@ -300,31 +282,18 @@ def test_reverse_mapping_gives_back_the_big_vision_arrays_bit_exactly(mapping, f
 @pytest.fixture(scope="module")
 def proof_bench(fixture, config, inputs, original_outputs):
     """What every mutant runs through: in-memory trees, one model, the original outputs."""
-    source = open_tree(fixture["source"])
-    source_in_memory = ParamTree.from_arrays({key: source.read(key) for key in source.keys()})
-    target = build_target("SiglipModel", fixture["config"]).tree
     from transformers import SiglipModel
 
-    return {"source": source_in_memory, "target": target, "model": SiglipModel(config).eval()}
+    model = SiglipModel(config).eval()
+    return {
+        "source": in_memory(open_tree(fixture["source"])),
+        "target": build_target("SiglipModel", fixture["config"]).tree,
+        "check": model_check(model, lambda m: siglip_outputs(m, inputs), original_outputs),
+    }
 
 
-def proof_rejects(candidate: Mapping, bench: dict, inputs, original_outputs) -> str | None:
-    """Why the proof fails for ``candidate`` (None if it would pass)."""
-    try:
-        arrays = convert_arrays(bench["source"], bench["target"], candidate)
-    except MatcherError as exc:
-        return f"conversion refused: {exc}"
-    try:
-        bench["model"].load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in arrays.items()}, strict=True)
-    except RuntimeError as exc:
-        return f"load refused: {str(exc).splitlines()[0]}"
-    diffs = max_diff(siglip_outputs(bench["model"], inputs), original_outputs)
-    worst = max(diffs, key=diffs.get)
-    return f"{worst} differs by {diffs[worst]:.3g}" if diffs[worst] > TOLERANCE else None
-
-
-def test_the_unmutated_mapping_passes_the_mutation_bench(mapping, proof_bench, inputs, original_outputs):
-    assert proof_rejects(mapping, proof_bench, inputs, original_outputs) is None
+def test_the_unmutated_mapping_passes_the_mutation_bench(mapping, proof_bench):
+    assert rejection(mapping, **proof_bench) is None
 
 
 def test_there_are_mutants_for_every_rule_and_every_transpose(mapping):
@@ -333,8 +302,8 @@ def test_there_are_mutants_for_every_rule_and_every_transpose(mapping):
 
 
 @pytest.mark.parametrize("mutant", [m for _, m in MUTANTS], ids=[d for d, _ in MUTANTS])
-def test_every_one_mistake_mutant_of_the_mapping_is_caught(mutant, proof_bench, inputs, original_outputs):
-    assert proof_rejects(mutant, proof_bench, inputs, original_outputs) is not None
+def test_every_one_mistake_mutant_of_the_mapping_is_caught(mutant, proof_bench):
+    assert rejection(mutant, **proof_bench) is not None
 
 
 # ---------------------------------------------------------------------------- the checked-in demo

@@ -14,23 +14,20 @@ import itertools
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from matcher.convert import convert, convert_arrays
-from matcher.errors import MatcherError
+from matcher.convert import convert
 from matcher.mapping import Mapping
-from matcher.ops import Chunk, apply_chain
+from matcher.ops import Chunk
 from matcher.sources import open_tree
 from matcher.targets import build_target
-from matcher.tree import ParamTree
 from tests.fixtures import make_vit
+from tests.families.common import KNOWN, assert_loaded_cleanly, assert_outputs_match, assert_reverse_gives_back
+from tests.families.common import assert_same_tensors, in_memory, model_check, rejection
 from tests.proof import mutants
 
-KNOWN = Path(__file__).resolve().parents[2] / "known_mappings"
 MAPPINGS = {"ViTForImageClassification": KNOWN / "vit.yaml", "ViTModel": KNOWN / "vit_base.yaml"}
-TOLERANCE = 1e-5
 
 # (fixture variant, target class): every checkpoint kind the seed converts, plus a classifier
 # checkpoint converted as a backbone (the head is a declared drop).
@@ -99,11 +96,6 @@ def timm_outputs(timm_model, pixel_values, target_class: str) -> dict[str, torch
     return result
 
 
-def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
-    assert set(a) == set(b)
-    return {name: float((a[name] - b[name]).abs().max()) for name in a}
-
-
 @pytest.fixture(scope="module")
 def converted(variants, tmp_path_factory) -> dict[tuple[str, str], dict]:
     """Every case converted to disk and loaded back with from_pretrained."""
@@ -125,10 +117,7 @@ def converted(variants, tmp_path_factory) -> dict[tuple[str, str], dict]:
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_converted_checkpoint_loads_without_missing_unexpected_or_mismatched_keys(case, converted):
-    info = converted[case]["info"]
-    assert not info["missing_keys"]
-    assert not info["unexpected_keys"]
-    assert not info["mismatched_keys"]
+    assert_loaded_cleanly(converted[case]["info"])
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -136,8 +125,7 @@ def test_converted_model_computes_what_timm_computes(case, converted, timm_model
     variant, target_class = case
     ours = outputs(converted[case]["model"], pixels[variant])
     theirs = timm_outputs(timm_models[variant], pixels[variant], target_class)
-    diffs = max_diff(ours, theirs)
-    assert max(diffs.values()) <= TOLERANCE, diffs
+    assert_outputs_match(ours, theirs)
     assert all(float(t.abs().max()) > 0.1 for t in theirs.values()), "outputs too small to tell anything apart"
 
 
@@ -192,12 +180,8 @@ def test_converted_weights_equal_what_the_seed_converter_writes(case, converted,
     save_file({k: v.contiguous() for k, v in seed_state.items()}, str(tmp_path / "model.safetensors"))
     extra = {"add_pooling_layer": False} if target_class == "ViTModel" else {}
     seed_model, loading = getattr(transformers, target_class).from_pretrained(tmp_path, output_loading_info=True, **extra)
-    assert not (loading["missing_keys"] or loading["unexpected_keys"] or loading["mismatched_keys"]), loading
-
-    ours, seeds = converted[case]["model"].state_dict(), seed_model.state_dict()
-    assert set(ours) == set(seeds)
-    for key in seeds:
-        assert torch.equal(ours[key], seeds[key]), key
+    assert_loaded_cleanly(loading)
+    assert_same_tensors(converted[case]["model"].state_dict(), seed_model.state_dict())
 
 
 # ---------------------------------------------------------------------------- timm variants the seed refuses
@@ -247,20 +231,10 @@ def test_reverse_mapping_gives_back_the_timm_state_dict_bit_exactly(case, conver
 
     variant, target_class = case
     mapping = load_mapping(target_class)
-    source = open_tree(variants[variant]["source"])
-    reverse = mapping.reverse(source.shapes())
     converted_arrays = load_file(str(Path(converted[case]["dir"]) / "model.safetensors"))
-    expansion = reverse.expand(converted_arrays, source.keys())
-    assert expansion.complete, expansion.summary()
-    restored = {r.target: apply_chain(r.ops, [converted_arrays[s] for s in r.sources]) for r in expansion.rules}
-
+    expansion = assert_reverse_gives_back(mapping, open_tree(variants[variant]["source"]), converted_arrays)
     # Only the classification head of a classifier converted as a backbone cannot come back.
-    assert set(source.keys()) - set(restored) == set(expansion.initialised)
     assert all(key.startswith("head.") for key in expansion.initialised)
-    for key, array in restored.items():
-        original = source.read(key)
-        assert array.dtype == original.dtype and array.shape == original.shape, key
-        assert np.array_equal(array, original), key
 
 
 # ---------------------------------------------------------------------------- c. mutations
@@ -297,37 +271,22 @@ def proof_benches(variants, timm_models, pixels) -> dict[str, dict]:
     """Per mapping: in-memory trees, one model built once, timm's outputs."""
     benches = {}
     for target_class, variant in BENCH_VARIANT.items():
-        info = variants[variant]
-        source = open_tree(info["source"])
+        info, images = variants[variant], pixels[variant]
         benches[target_class] = {
-            "target_class": target_class,
-            "source": ParamTree.from_arrays({key: source.read(key) for key in source.keys()}),
+            "source": in_memory(open_tree(info["source"])),
             "target": build_target(target_class, info["config"]).tree,
-            "model": new_target_model(target_class, saved_config(info)),
-            "pixels": pixels[variant],
-            "expected": timm_outputs(timm_models[variant], pixels[variant], target_class),
+            "check": model_check(
+                new_target_model(target_class, saved_config(info)),
+                lambda model, images=images: outputs(model, images),
+                timm_outputs(timm_models[variant], images, target_class),
+            ),
         }
     return benches
 
 
-def proof_rejects(candidate: Mapping, bench: dict) -> str | None:
-    """Why the proof fails for ``candidate`` (None if it would pass)."""
-    try:
-        arrays = convert_arrays(bench["source"], bench["target"], candidate)
-    except MatcherError as exc:
-        return f"conversion refused: {exc}"
-    try:
-        bench["model"].load_state_dict({k: torch.as_tensor(np.array(v)) for k, v in arrays.items()}, strict=True)
-    except RuntimeError as exc:
-        return f"load refused: {str(exc).splitlines()[0]}"
-    diffs = max_diff(outputs(bench["model"], bench["pixels"]), bench["expected"])
-    worst = max(diffs, key=diffs.get)
-    return f"{worst} differs by {diffs[worst]:.3g}" if diffs[worst] > TOLERANCE else None
-
-
 @pytest.mark.parametrize("target_class", MAPPINGS)
 def test_the_unmutated_mapping_passes_the_mutation_bench(target_class, proof_benches):
-    assert proof_rejects(load_mapping(target_class), proof_benches[target_class]) is None
+    assert rejection(load_mapping(target_class), **proof_benches[target_class]) is None
 
 
 @pytest.mark.parametrize("target_class", MAPPINGS)
@@ -342,7 +301,7 @@ def test_there_are_mutants_for_every_rule_and_every_qkv_order(target_class):
     ids=[f"{c}: {d}" for c, d, _ in MUTANT_CASES],
 )
 def test_every_one_mistake_mutant_of_the_mapping_is_caught(target_class, mutant, proof_benches):
-    assert proof_rejects(mutant, proof_benches[target_class]) is not None
+    assert rejection(mutant, **proof_benches[target_class]) is not None
 
 
 def test_qkv_chunks_are_the_only_ops_in_the_mappings():

@@ -15,7 +15,7 @@ from matcher.convert import convert_arrays
 from tests.fixtures import make_chinese_clip
 from tests.families.common import KNOWN, assert_loaded_cleanly, assert_outputs_match, assert_reverse_gives_back
 from tests.families.common import assert_same_tensors, complete_expansion, family_fixtures, in_memory, model_check
-from tests.families.common import mutant_survivors, written_weights
+from tests.families.common import differing_outputs, mutant_survivors, written_weights
 from tests.proof import mutants
 
 fixture, mapping, source_tree, target, converted_dir = family_fixtures(
@@ -163,3 +163,18 @@ def test_every_mapping_one_mistake_away_is_rejected(mapping, source_tree, target
     assert len(all_mutants) == len(mapping.rules) + 2  # every rule removed once; two transposes flipped
     # the proof passes on the real mapping and fails on every mutant
     assert mutant_survivors(mapping, all_mutants, in_memory(source_tree), target.tree, check) == []
+
+
+# ---------------------------------------------------------------------------- what the weights cannot show
+
+
+@pytest.mark.parametrize("tower, field, wrong", [("vision_config", "hidden_act", "gelu"), ("text_config", "layer_norm_eps", 1e-5)])
+def test_a_config_field_the_weights_cannot_show_is_caught_numerically(converted_dir, inputs, expected, fixture, tower, field, wrong):
+    """QuickGELU in the vision tower, and BERT's eps 1e-12 in the text tower, leave every weight
+    as it is; only the numeric proof against cn_clip tells a config that gets them wrong."""
+    from transformers import ChineseCLIPConfig
+
+    config = ChineseCLIPConfig.from_pretrained(converted_dir)
+    setattr(getattr(config, tower), field, wrong)
+    model = ChineseCLIPModel.from_pretrained(converted_dir, config=config).float().eval()
+    assert differing_outputs(outputs_of(model, inputs, fixture["pad_id"]), expected) is not None

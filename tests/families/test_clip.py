@@ -16,7 +16,7 @@ from matcher.convert import convert_arrays
 from tests.fixtures import make_clip, make_clipseg
 from tests.families.common import KNOWN, assert_loaded_cleanly, assert_outputs_match, assert_reverse_gives_back
 from tests.families.common import assert_same_tensors, complete_expansion, family_fixtures, in_memory, model_check
-from tests.families.common import mutant_survivors, openai_clip_inputs, written_weights
+from tests.families.common import differing_outputs, mutant_survivors, openai_clip_inputs, written_weights
 from tests.proof import mutants
 
 fixture, mapping, source_tree, target, converted_dir = family_fixtures(make_clip.make, KNOWN / "clip.yaml", "CLIPModel")
@@ -111,3 +111,19 @@ def test_every_mapping_one_mistake_away_is_rejected(mapping, source_tree, target
     assert len(all_mutants) == len(mapping.rules) + 2  # every rule removed once; both projections' transposes flipped
     # the proof passes on the real mapping and fails on every mutant
     assert mutant_survivors(mapping, all_mutants, in_memory(source_tree), target.tree, check) == []
+
+
+# ---------------------------------------------------------------------------- what the weights cannot show
+
+
+@pytest.mark.parametrize("field, wrong", [("hidden_act", "gelu"), ("layer_norm_eps", 1e-6)])
+def test_a_config_field_the_weights_cannot_show_is_caught_numerically(converted_dir, inputs, expected, field, wrong):
+    """QuickGELU vs GELU, or the layer-norm eps, leave every weight as it is; only the numeric
+    proof against OpenAI's CLIP tells a config that gets them wrong."""
+    from transformers import CLIPConfig
+
+    config = CLIPConfig.from_pretrained(converted_dir)
+    for tower in (config.text_config, config.vision_config):
+        setattr(tower, field, wrong)
+    model = CLIPModel.from_pretrained(converted_dir, config=config).float().eval()
+    assert differing_outputs(outputs_of(model, inputs), expected) is not None

@@ -24,7 +24,7 @@ from matcher.sources import open_tree
 from matcher.targets import build_target
 from tests.fixtures import make_vit
 from tests.families.common import KNOWN, assert_loaded_cleanly, assert_outputs_match, assert_reverse_gives_back
-from tests.families.common import assert_same_tensors, in_memory, model_check, rejection
+from tests.families.common import assert_same_tensors, differing_outputs, in_memory, model_check, rejection
 from tests.proof import mutants
 
 MAPPINGS = {"ViTForImageClassification": KNOWN / "vit.yaml", "ViTModel": KNOWN / "vit_base.yaml"}
@@ -309,3 +309,26 @@ def test_qkv_chunks_are_the_only_ops_in_the_mappings():
     for target_class in MAPPINGS:
         ops = [op for rule in load_mapping(target_class).rules for op in rule.ops]
         assert ops and all(isinstance(op, Chunk) and op.axis == 0 and op.parts == 3 for op in ops)
+
+
+# ---------------------------------------------------------------------------- what the weights cannot show
+
+EXACT = 1e-6  # the ViT path is exact (timm and transformers agree to 0.0), so the proof can be this strict
+
+
+@pytest.mark.parametrize("field, wrong", [("hidden_act", "gelu_new"), ("layer_norm_eps", 1e-12)])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_a_config_field_the_weights_cannot_show_is_caught_numerically(case, converted, timm_models, pixels, field, wrong):
+    """The tanh GELU, or transformers' default eps 1e-12 instead of timm's 1e-6, leave every weight
+    as it is; only the numeric proof against timm tells. (1e-12 moves outputs by ~6e-6: under the
+    family tolerance 1e-5, over EXACT, which the correct config meets.)"""
+    import transformers
+
+    variant, target_class = case
+    theirs = timm_outputs(timm_models[variant], pixels[variant], target_class)
+    assert_outputs_match(outputs(converted[case]["model"], pixels[variant]), theirs, tolerance=EXACT)
+    config = saved_config(converted[case])
+    setattr(config, field, wrong)
+    extra = {"add_pooling_layer": False} if target_class == "ViTModel" else {}
+    model = getattr(transformers, target_class).from_pretrained(converted[case]["dir"], config=config, **extra).eval()
+    assert differing_outputs(outputs(model, pixels[variant]), theirs, tolerance=EXACT) is not None

@@ -15,6 +15,9 @@ from ..errors import SourceError
 from ..tree import ParamTree
 
 SNIFF_BYTES = 64
+# Only for files no reader claims by their bytes (a safetensors file whose header length is
+# broken has no magic left); broken zips are routed by suffix in the npz and torch sniffers.
+_SUFFIX_FALLBACK = {".safetensors": "safetensors"}
 
 
 @dataclass(frozen=True)
@@ -45,11 +48,13 @@ def detect(path: str | os.PathLike) -> Reader:
     """The reader for ``path``, or a SourceError naming the known formats."""
     _load_readers()
     path = Path(path)
-    if not path.exists():
-        raise SourceError("no such file or directory", path=str(path))
-    if path.is_dir():
-        return READERS["directory"]
     try:
+        if not path.exists():
+            raise SourceError("no such file or directory", path=str(path))
+        if path.is_dir():
+            return READERS["directory"]
+        if not path.is_file():  # a FIFO or device would block or never end
+            raise SourceError("not a regular file", path=str(path))
         with open(path, "rb") as handle:
             head = handle.read(SNIFF_BYTES)
     except OSError as exc:
@@ -59,7 +64,11 @@ def detect(path: str | os.PathLike) -> Reader:
     for reader in READERS.values():
         if reader.name != "directory" and reader.sniff(head, path):
             return reader
+    if path.suffix.lower() in _SUFFIX_FALLBACK:  # unrecognised bytes under this suffix: that reader's error says most
+        return READERS[_SUFFIX_FALLBACK[path.suffix.lower()]]
     known = ", ".join(sorted(r for r in READERS if r != "directory"))
+    if head.startswith(b"PK\x03\x04"):
+        raise SourceError(f"unrecognised checkpoint format: a zip archive that is neither an npz (.npy members) nor a PyTorch checkpoint (data.pkl), or is corrupt; known formats: {known}", path=str(path))
     raise SourceError(f"unrecognised checkpoint format (first bytes {head[:8]!r}); known formats: {known}", path=str(path))
 
 

@@ -3,10 +3,19 @@
 Keys are kept as stored ('/'-joined in big_vision). Pickled object arrays are refused.
 bfloat16 arrays written by numpy/JAX carry no dtype name (descr ``|V2``): they are read
 as bfloat16, the only 2-byte void type such checkpoints use.
+
+Nothing is trusted before it is checked: the zip directory against the archive size
+(``checks``), each .npy header's length before it is read, and each header's shape ×
+itemsize against the member's size, so an array is only allocated once its bytes are
+known to be in the file.
 """
 
 from __future__ import annotations
 
+import io
+import math
+import struct
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -15,8 +24,12 @@ import numpy as np
 from ..errors import SourceError
 from ..tree import ParamTree, TensorSpec
 from . import register
+from .checks import open_checked_zip, reason, short
 
 _ZIP_MAGIC = b"PK\x03\x04"
+_NPY_MAGIC = b"\x93NUMPY"
+MAX_NPY_HEADER = 10000  # numpy's own limit for untrusted files
+_NUMERIC_KINDS = "biufc"
 
 
 def _is_npz(head: bytes, path: Path) -> bool:
@@ -25,62 +38,97 @@ def _is_npz(head: bytes, path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return path.suffix == ".npz"  # a broken npz still deserves the npz reader's error
-    return bool(names) and all(name.endswith(".npy") for name in names)
+    except Exception:  # any broken zip: an .npz suffix still deserves the npz reader's error
+        return path.suffix.lower() == ".npz"
+    if any(name.endswith("data.pkl") for name in names):
+        return False  # a PyTorch zip checkpoint
+    return any(name.endswith(".npy") for name in names)
 
 
 def _dtype_name(dtype: np.dtype, key: str, origin: Path) -> str:
-    if dtype.kind == "V" and dtype.itemsize == 2 and dtype.fields is None:
+    if dtype.kind == "V" and dtype.itemsize == 2 and dtype.fields is None and dtype.subdtype is None:
         return "bfloat16"
     if dtype.hasobject or dtype.kind == "V":
-        raise SourceError(f"array {key!r} has dtype {dtype} (pickled objects or records are not loaded)", path=str(origin))
+        raise SourceError(f"array {short(key)} has dtype {short(str(dtype), 60)} (pickled objects or records are not loaded)", path=str(origin))
+    if dtype.kind not in _NUMERIC_KINDS:
+        raise SourceError(f"array {short(key)} has dtype {short(str(dtype), 60)}, not a numeric type", path=str(origin))
     return dtype.name
 
 
-def _read_header(handle) -> tuple[tuple[int, ...], bool, np.dtype]:
-    version = np.lib.format.read_magic(handle)
+def _read_header(handle) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """shape, Fortran order, dtype and header size of one .npy member; the header's length
+    is checked before the header is read."""
+    prefix = handle.read(8)
+    if len(prefix) < 8 or not prefix.startswith(_NPY_MAGIC):
+        raise ValueError("not an .npy array (bad magic)" if len(prefix) == 8 else "member ends inside the .npy magic")
+    version = (prefix[6], prefix[7])
     if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(handle)
-    if version in ((2, 0), (3, 0)):
-        return np.lib.format.read_array_header_2_0(handle)
-    raise ValueError(f"unsupported npy version {version}")
+        length_field, fmt, read = handle.read(2), "<H", np.lib.format.read_array_header_1_0
+    elif version in ((2, 0), (3, 0)):
+        length_field, fmt, read = handle.read(4), "<I", np.lib.format.read_array_header_2_0
+    else:
+        raise ValueError(f"unsupported npy version {version[0]}.{version[1]}")
+    if len(length_field) != struct.calcsize(fmt):
+        raise ValueError("member ends inside the .npy header")
+    (length,) = struct.unpack(fmt, length_field)
+    if length > MAX_NPY_HEADER:
+        raise ValueError(f"header claims {length} bytes (limit {MAX_NPY_HEADER})")
+    header = handle.read(length)
+    if len(header) != length:
+        raise ValueError("member ends inside the .npy header")
+    with warnings.catch_warnings():  # e.g. numpy's note on headers written by Python 2
+        warnings.simplefilter("ignore")
+        shape, fortran, dtype = read(io.BytesIO(length_field + header))
+    if not isinstance(shape, tuple) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ValueError(f"bad shape {shape!r}")
+    return shape, bool(fortran), dtype, len(prefix) + len(length_field) + length
+
+
+def _read_headers(archive: zipfile.ZipFile, path: Path) -> tuple[dict[str, TensorSpec], dict[str, tuple[zipfile.ZipInfo, np.dtype]]]:
+    specs: dict[str, TensorSpec] = {}
+    layout: dict[str, tuple[zipfile.ZipInfo, np.dtype]] = {}
+    for member in archive.infolist():
+        if not member.filename.endswith(".npy"):
+            raise SourceError(f"member {short(member.filename)} is not an .npy array", path=str(path))
+        key = member.filename[: -len(".npy")]
+        if key in specs:
+            raise SourceError(f"array {short(key)} appears twice in the archive", path=str(path))
+        try:
+            with archive.open(member) as handle:
+                shape, _, dtype, header_size = _read_header(handle)
+        except Exception as exc:  # zipfile/zlib/numpy header parsing on untrusted bytes
+            raise SourceError(f"array {short(key)}: unreadable npy header ({reason(exc)})", path=str(path)) from exc
+        name = _dtype_name(dtype, key, path)
+        expected = math.prod(shape) * dtype.itemsize + header_size
+        if member.file_size != expected:
+            raise SourceError(
+                f"array {short(key)}: header says {short(shape)} {name} ({short(expected, 40)} bytes) but the entry holds {member.file_size}",
+                path=str(path),
+            )
+        specs[key] = TensorSpec(key, shape, name)
+        layout[key] = (member, dtype)
+    return specs, layout
 
 
 @register("npz", _is_npz)
 def open_npz(path: Path) -> ParamTree:
+    archive = open_checked_zip(path, "npz archive")
     try:
-        archive = zipfile.ZipFile(path)
-        members = archive.infolist()
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise SourceError(f"not a readable npz archive ({exc})", path=str(path)) from exc
-    specs: dict[str, TensorSpec] = {}
-    layout: dict[str, tuple[str, bool, np.dtype]] = {}
-    for member in members:
-        key = member.filename[: -len(".npy")]
-        try:
-            with archive.open(member) as handle:
-                shape, fortran, dtype = _read_header(handle)
-                header_size = handle.tell()
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-            raise SourceError(f"array {key!r}: unreadable npy header ({exc})", path=str(path)) from exc
-        name = _dtype_name(dtype, key, path)
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize + header_size
-        if member.file_size != expected:
-            raise SourceError(
-                f"array {key!r}: header says {shape} {name} ({expected} bytes) but the entry holds {member.file_size}",
-                path=str(path),
-            )
-        specs[key] = TensorSpec(key, tuple(int(d) for d in shape), name)
-        layout[key] = (member.filename, fortran, dtype)
+        specs, layout = _read_headers(archive, path)
+    except BaseException:
+        archive.close()
+        raise
 
     def load(key: str) -> np.ndarray:
-        filename, _, dtype = layout[key]
+        member, dtype = layout[key]
         try:
-            with archive.open(filename) as handle:
+            with archive.open(member) as handle, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 array = np.lib.format.read_array(handle, allow_pickle=False)
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-            raise SourceError(f"array {key!r}: data unreadable ({exc})", path=str(path)) from exc
+        except Exception as exc:  # truncated data, bad CRC (BadZipFile), zlib.error...
+            raise SourceError(f"array {short(key)}: data unreadable ({reason(exc)})", path=str(path)) from exc
+        if array.shape != specs[key].shape or array.dtype != dtype:
+            raise SourceError(f"array {short(key)}: data does not match its header", path=str(path))
         if specs[key].dtype == "bfloat16":
             import ml_dtypes
 

@@ -12,6 +12,7 @@ import numpy as np
 from ..errors import SourceError
 from ..tree import ParamTree, TensorSpec, numpy_dtype
 from . import register
+from .checks import short
 
 MAX_HEADER = 100 * 1024 * 1024
 DTYPES = {
@@ -28,20 +29,35 @@ def _is_safetensors(head: bytes, path: Path) -> bool:
     return 0 < size <= MAX_HEADER and head[8:9] == b"{"
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def read_header(path: Path) -> tuple[dict, int]:
-    """The validated header (tensor entries only) and the offset where data starts."""
-    file_size = path.stat().st_size
-    with open(path, "rb") as handle:
-        raw = handle.read(8)
-        if len(raw) < 8:
-            raise SourceError("truncated safetensors file (no header length)", path=str(path))
-        (size,) = struct.unpack("<Q", raw)
-        if size > MAX_HEADER or 8 + size > file_size:
-            raise SourceError(f"header length {size} does not fit a file of {file_size} bytes", path=str(path))
-        try:
-            header = json.loads(handle.read(size))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise SourceError(f"header is not valid JSON ({exc})", path=str(path)) from exc
+    """The validated header (tensor entries only) and the offset where data starts.
+
+    Everything is checked against the file's size before any tensor is read: the header
+    length, each entry's types, shape × itemsize (Python integers, no overflow) against its
+    offsets, and the offsets covering the data section exactly, without overlaps or gaps.
+    """
+    try:
+        file_size = path.stat().st_size
+        with open(path, "rb") as handle:
+            raw = handle.read(8)
+            if len(raw) < 8:
+                raise SourceError("truncated safetensors file (no header length)", path=str(path))
+            (size,) = struct.unpack("<Q", raw)
+            if size > MAX_HEADER or 8 + size > file_size:
+                raise SourceError(f"header length {size} does not fit a file of {file_size} bytes", path=str(path))
+            text = handle.read(size)
+    except OSError as exc:
+        raise SourceError(f"cannot read: {exc.strerror or exc}", path=str(path)) from exc
+    if len(text) != size:
+        raise SourceError("file ended inside the header", path=str(path))
+    try:
+        header = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise SourceError(f"header is not valid JSON ({exc if isinstance(exc, ValueError) else 'nested too deeply'})", path=str(path)) from exc
     if not isinstance(header, dict):
         raise SourceError("header is not a JSON object", path=str(path))
     header.pop("__metadata__", None)
@@ -51,14 +67,19 @@ def read_header(path: Path) -> tuple[dict, int]:
         try:
             dtype, shape, (start, stop) = entry["dtype"], entry["shape"], entry["data_offsets"]
         except (KeyError, TypeError, ValueError) as exc:
-            raise SourceError(f"tensor {key!r}: malformed header entry", path=str(path)) from exc
-        if dtype not in DTYPES:
-            raise SourceError(f"tensor {key!r}: unsupported dtype {dtype}", path=str(path))
-        if not all(isinstance(d, int) and d >= 0 for d in shape) or not (0 <= start <= stop <= data_size):
-            raise SourceError(f"tensor {key!r}: offsets {start}..{stop} or shape {shape} do not fit the file", path=str(path))
+            raise SourceError(f"tensor {short(key)}: malformed header entry", path=str(path)) from exc
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise SourceError(f"tensor {short(key)}: unsupported dtype {short(dtype)}", path=str(path))
+        if (
+            not isinstance(shape, list)
+            or not all(_is_int(d) and d >= 0 for d in shape)
+            or not (_is_int(start) and _is_int(stop))
+            or not (0 <= start <= stop <= data_size)
+        ):
+            raise SourceError(f"tensor {short(key)}: offsets {short(start, 30)}..{short(stop, 30)} or shape {short(shape)} do not fit the file", path=str(path))
         nbytes = math.prod(shape) * numpy_dtype(DTYPES[dtype]).itemsize
         if nbytes != stop - start:
-            raise SourceError(f"tensor {key!r}: shape {shape} {dtype} needs {nbytes} bytes, entry spans {stop - start}", path=str(path))
+            raise SourceError(f"tensor {short(key)}: shape {short(shape)} {dtype} needs {short(nbytes, 40)} bytes, entry spans {stop - start}", path=str(path))
         spans.append((start, stop))
     spans.sort()
     position = 0
@@ -78,11 +99,14 @@ def open_safetensors(path: Path) -> ParamTree:
 
     def load(key: str) -> np.ndarray:
         start, stop = header[key]["data_offsets"]
-        with open(path, "rb") as handle:
-            handle.seek(data_start + start)
-            buffer = handle.read(stop - start)
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(data_start + start)
+                buffer = handle.read(stop - start)
+        except OSError as exc:
+            raise SourceError(f"tensor {short(key)}: cannot read ({exc.strerror or exc})", path=str(path)) from exc
         if len(buffer) != stop - start:
-            raise SourceError(f"tensor {key!r}: file ended early", path=str(path))
+            raise SourceError(f"tensor {short(key)}: file ended early", path=str(path))
         return np.frombuffer(buffer, dtype=numpy_dtype(specs[key].dtype)).reshape(specs[key].shape)
 
     return ParamTree(specs, loader=load, origin=str(path), format="safetensors")

@@ -1,0 +1,81 @@
+"""Shared checks for the readers: one-line reasons, bounded reprs, and a zip's central
+directory checked against the archive before any member is read.
+
+A member may not claim more bytes than the archive can hold: a stored member's data must
+fit between its offset and the central directory with the same size compressed and not; a
+deflated member can expand at most deflate's maximum ratio (1032:1); members may not
+overlap (the "many entries over one blob" zip bomb); anything else (bzip2, lzma,
+encryption) is refused. Shared by the npz and the PyTorch (zip) readers.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+from ..errors import SourceError
+
+DEFLATE_MAX_RATIO = 1032
+LOCAL_HEADER_SIZE = 30
+
+
+def reason(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type name when the message is empty), cut to ``limit``."""
+    try:
+        lines = str(exc).strip().splitlines()
+    except Exception:  # a message that cannot even be rendered
+        lines = []
+    text = lines[0].strip() if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def short(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: file contents end up in one-line messages."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond sys.get_int_max_str_digits()
+        text = f"<{type(value).__name__} too large to print>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def open_checked_zip(path: Path, what: str) -> zipfile.ZipFile:
+    """``path`` opened as a zip whose directory is consistent with its size, or a SourceError."""
+    try:
+        archive = zipfile.ZipFile(path)
+        members = archive.infolist()
+    except Exception as exc:  # zipfile raises many types on garbage (BadZipFile, EOFError, ValueError, struct.error...)
+        raise SourceError(f"not a readable {what}: corrupt or truncated zip archive ({reason(exc)})", path=str(path)) from exc
+    try:
+        check_members(archive, members, path, what)
+    except BaseException:
+        archive.close()
+        raise
+    return archive
+
+
+def check_members(archive: zipfile.ZipFile, members: list[zipfile.ZipInfo], path: Path, what: str) -> None:
+    archive_size = path.stat().st_size
+    data_end = min(getattr(archive, "start_dir", archive_size), archive_size)
+
+    def fail(member: zipfile.ZipInfo, problem: str) -> SourceError:
+        return SourceError(f"not a readable {what}: zip member {short(member.filename)} {problem}", path=str(path))
+
+    position = 0
+    for member in sorted(members, key=lambda m: m.header_offset):
+        if member.flag_bits & 0x1:
+            raise fail(member, "is encrypted")
+        if member.compress_type == zipfile.ZIP_STORED:
+            if member.compress_size != member.file_size:
+                raise fail(member, f"is stored but claims {member.file_size} bytes from {member.compress_size}")
+        elif member.compress_type == zipfile.ZIP_DEFLATED:
+            if member.file_size > max(member.compress_size, 1) * DEFLATE_MAX_RATIO:
+                raise fail(member, f"claims {member.file_size} bytes from {member.compress_size} compressed (beyond deflate's limit)")
+        else:
+            raise fail(member, f"uses an unsupported compression method ({member.compress_type})")
+        start = member.header_offset
+        if start < position:
+            raise fail(member, "overlaps the previous member")
+        end = start + LOCAL_HEADER_SIZE + member.compress_size
+        if end > data_end:
+            raise fail(member, f"claims {member.compress_size} bytes at offset {start}, beyond the archive's {archive_size} bytes (truncated or corrupt)")
+        position = end

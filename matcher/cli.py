@@ -45,7 +45,33 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+class DefaultGroup(click.Group):
+    """``match SRC ...`` runs the ``convert`` command; ``match audit ...`` and other
+    subcommands are named first. ``match --help`` shows convert's help and the others."""
+
+    default = "convert"
+
+    def parse_args(self, ctx, args):
+        if not args or (args[0] not in self.commands and args[0] not in ("-h", "--help")):
+            args = [self.default, *args]
+        return super().parse_args(ctx, args)
+
+    def format_help(self, ctx, formatter):
+        command = self.commands[self.default]
+        with click.Context(command, info_name=ctx.info_name, parent=None) as sub:
+            command.format_help(sub, formatter)
+        others = [(name, cmd.get_short_help_str(70)) for name, cmd in self.commands.items() if name != self.default]
+        if others:
+            with formatter.section("Other commands (match COMMAND --help)"):
+                formatter.write_dl(others)
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Convert checkpoints between frameworks by inferring the mapping."""
+
+
+@main.command("convert", context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("--target", "target_class", required=True, metavar="CLASS", help="transformers model class to convert into, e.g. SiglipModel.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), metavar="PATH",
@@ -64,7 +90,10 @@ def _raise_interrupt(signum, frame):
 @click.option("--allow-partial", is_flag=True, help="With --save, write what is decided even if items remain unresolved (exit code is still 3).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (otherwise an existing OUT is an error).")
 @click.option("--no-verify", is_flag=True, help="Skip loading the written model back with from_pretrained.")
-def main(src, target_class, config_path, mapping_name, out, allow_drop, allow_init, mapping_out, as_json, yes, allow_partial, force, no_verify):
+@click.option("--emit", "emit_format", type=click.Choice(["yaml", "python", "transformers"]),
+              help="Write a starter file from the mapping: yaml (the mapping format, templated per layer), python (a standalone converter script), transformers (a conversion-mapping snippet). Needs --emit-out.")
+@click.option("--emit-out", type=click.Path(path_type=Path), metavar="FILE", help="Where --emit writes.")
+def convert_command(src, target_class, config_path, mapping_name, out, allow_drop, allow_init, mapping_out, as_json, yes, allow_partial, force, no_verify, emit_format, emit_out):
     """Convert the checkpoint SRC into the transformers class CLASS, inferring the mapping.
 
     SRC may be a big_vision .npz, a PyTorch .pt/.pth/.bin, a flax msgpack checkpoint, a
@@ -77,6 +106,8 @@ def main(src, target_class, config_path, mapping_name, out, allow_drop, allow_in
     """
     from .errors import MatcherError
 
+    if (emit_format is None) != (emit_out is None):
+        raise click.UsageError("--emit and --emit-out go together")
     mapping_path = _resolve_mapping(mapping_name) if mapping_name else None
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
@@ -84,8 +115,16 @@ def main(src, target_class, config_path, mapping_name, out, allow_drop, allow_in
         from .api import match, save
 
         result = match(src, target_class, config=config_path, mapping=mapping_path, allow_drop=allow_drop, allow_init=allow_init)
+        if result.unresolved and not (yes or as_json) and sys.stdin.isatty():
+            from .interactive import resolve_interactively
+
+            result = resolve_interactively(result, mapping_out)
         if mapping_out:
             result.mapping.save(mapping_out)
+        if emit_format:
+            from .emit import emit
+
+            emit_out.write_text(emit(result, emit_format))
         saved = None
         if out is not None and (result.complete or allow_partial):
             from .convert import make_plan

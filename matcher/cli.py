@@ -90,10 +90,12 @@ def main():
 @click.option("--allow-partial", is_flag=True, help="With --save, write what is decided even if items remain unresolved (exit code is still 3).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (otherwise an existing OUT is an error).")
 @click.option("--no-verify", is_flag=True, help="Skip loading the written model back with from_pretrained.")
+@click.option("--source-model", metavar="SPEC",
+              help="The original implementation, to check numerically and settle ambiguities: 'timm:MODEL_NAME', 'open_clip:MODEL_CONFIG' or 'package.module:factory' (a callable returning an nn.Module whose state_dict keys are the checkpoint's). Built locally with random init, then loaded from SRC; nothing is downloaded.")
 @click.option("--emit", "emit_format", type=click.Choice(["yaml", "python", "transformers"]),
               help="Write a starter file from the mapping: yaml (the mapping format, templated per layer), python (a standalone converter script), transformers (a conversion-mapping snippet). Needs --emit-out.")
 @click.option("--emit-out", type=click.Path(path_type=Path), metavar="FILE", help="Where --emit writes.")
-def convert_command(src, target_class, config_path, mapping_name, out, allow_drop, allow_init, mapping_out, as_json, yes, allow_partial, force, no_verify, emit_format, emit_out):
+def convert_command(src, target_class, config_path, mapping_name, out, allow_drop, allow_init, mapping_out, as_json, yes, allow_partial, force, no_verify, source_model, emit_format, emit_out):
     """Convert the checkpoint SRC into the transformers class CLASS, inferring the mapping.
 
     SRC may be a big_vision .npz, a PyTorch .pt/.pth/.bin, a flax msgpack checkpoint, a
@@ -115,6 +117,10 @@ def convert_command(src, target_class, config_path, mapping_name, out, allow_dro
         from .api import match, save
 
         result = match(src, target_class, config=config_path, mapping=mapping_path, allow_drop=allow_drop, allow_init=allow_init)
+        if source_model:
+            from .verify import check_with_source_model
+
+            result = check_with_source_model(result, source_model)
         if result.unresolved and not (yes or as_json) and sys.stdin.isatty():
             from .interactive import resolve_interactively
 

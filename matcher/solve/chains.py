@@ -46,10 +46,18 @@ def _moves(shape: Shape):
                 yield Transpose(perm)
 
 
-def _probe(shape: Shape, dims: int = 0) -> np.ndarray:
-    """An array of distinct values; sizes are capped so huge shapes stay cheap (the
-    function a chain computes depends on the axis structure, not on the sizes)."""
-    return np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
+_SMALL_SIZES = (2, 3, 5, 7, 11, 13, 17, 19)
+
+
+def _probe(shape: Shape) -> np.ndarray:
+    """Distinct values in a stand-in of ``shape`` whose axes have small distinct sizes.
+
+    The chains searched here (squeeze, merge, permute) act on axes, never on sizes, so the
+    element permutation a chain computes is the same on the stand-in: two chains compute
+    the same function iff they agree on it. This keeps the probe tiny at any real size.
+    """
+    small = tuple(1 if size == 1 else _SMALL_SIZES[axis % len(_SMALL_SIZES)] for axis, size in enumerate(shape))
+    return np.arange(int(np.prod(small)), dtype=np.int64).reshape(small)
 
 
 def _is_transposed(ops: tuple[Op, ...]) -> bool:
@@ -61,18 +69,15 @@ def chains_between(source: Shape, target: Shape) -> tuple[Chain, ...]:
     """Distinct chains (up to MAX_STEPS ops) from ``source`` to ``target``, simplest first."""
     if int(np.prod(source)) != int(np.prod(target)):
         return ()
-    # Search on small stand-in shapes with the same equalities, so the result does not
-    # depend on the absolute sizes and the probe arrays stay tiny.
-    small_source, small_target = _stand_ins(source, target)
     found: dict[bytes, tuple[Op, ...]] = {}
-    frontier: list[tuple[Shape, tuple[Op, ...]]] = [(small_source, ())]
-    probe = _probe(small_source)
+    frontier: list[tuple[Shape, tuple[Op, ...]]] = [(tuple(source), ())]
+    probe = _probe(tuple(source))
     for depth in range(MAX_STEPS + 1):
         next_frontier = []
         for shape, ops in frontier:
-            if shape == small_target:
-                key = apply_chain(ops, [probe]).tobytes()
-                found.setdefault(key, ops)
+            if shape == tuple(target):
+                result = apply_chain(ops, [probe])
+                found.setdefault(repr(result.shape).encode() + result.tobytes(), ops)
             if depth == MAX_STEPS:
                 continue
             for move in _moves(shape):
@@ -85,7 +90,7 @@ def chains_between(source: Shape, target: Shape) -> tuple[Chain, ...]:
                 next_frontier.append((next_shape, ops + (move,)))
         frontier = next_frontier
     chains = [Chain(ops, _is_transposed(ops)) for ops in found.values()]
-    return tuple(sorted(_stable(chains, small_source), key=lambda c: (len(c.ops), c.transposed)))
+    return tuple(sorted(_stable(chains, tuple(source)), key=lambda c: (len(c.ops), c.transposed)))
 
 
 def _equal_size_inversions(chain: Chain, shape: Shape) -> int:
@@ -118,42 +123,6 @@ def _redundant(previous: Op, move: Op) -> bool:
     # A 2-d transpose reorients the final matrix, so it comes last; two permutations in a
     # row are one permutation.
     return isinstance(previous, Transpose) and (len(previous.perm) == 2 or isinstance(move, Transpose))
-
-
-def _stand_ins(source: Shape, target: Shape) -> tuple[Shape, Shape]:
-    """Replace sizes by small primes-based stand-ins preserving which products are equal.
-
-    Exact sizes matter only through the factorisation structure; for the shapes of
-    neural network tensors, mapping each distinct size to a distinct small number while
-    keeping products consistent is done by keeping sizes when small, else solving on the
-    real sizes (falls back to the real shapes)."""
-    if int(np.prod(source)) <= 4096:
-        return source, target
-    sizes = sorted(set(source) | set(target))
-    small = {size: size for size in sizes}
-    # Try shrinking every size by its gcd with the others only when products still agree.
-    for size in sizes:
-        for candidate in (2, 3, 5, 7, 11, 13):
-            trial = dict(small)
-            trial[size] = candidate
-            if _products_agree(source, target, small, trial):
-                small = trial
-                break
-    s, t = tuple(small[d] for d in source), tuple(small[d] for d in target)
-    if int(np.prod(s)) != int(np.prod(t)) or int(np.prod(s)) > 1 << 16:
-        return source, target
-    return s, t
-
-
-def _products_agree(source: Shape, target: Shape, before: dict, after: dict) -> bool:
-    """A substitution is safe if every size it changes appears the same number of times on
-    both sides and is not itself a product of other sizes present."""
-    changed = [d for d in before if before[d] != after[d]]
-    for size in changed:
-        if source.count(size) != target.count(size):
-            return False
-    values = [after[d] for d in set(source) | set(target)]
-    return len(set(values)) == len(values)
 
 
 def chain_shape(chain: Chain, source: Shape) -> Shape:

@@ -42,11 +42,26 @@ class Decision:
     reasons: list[str]
 
 
+@dataclass(frozen=True)
+class Option:
+    """One way to fill an unresolved target: its source(s) and op chain, ready to pin as a rule."""
+
+    sources: tuple[str, ...]
+    ops: tuple
+    cost: float
+    label: str  # how to show it: the source (and its part), "as is" / "transposed"
+
+    def rule(self, target: str) -> Rule:
+        return Rule(target, self.sources, self.ops)
+
+
 @dataclass
 class Unresolved:
     target: str
     candidates: list[str]
     reason: str
+    options: list[Option] = field(default_factory=list)  # structured candidates, ranked best first
+    part: str | None = None  # for a fused target (in_proj), which part is in question
 
 
 @dataclass
@@ -257,6 +272,17 @@ def _towers(source: ParamTree, target: ParamTree, source_units: Units, target_un
     ]
 
 
+def _rule_ops(source: Item, chain) -> tuple:
+    """The op chain of a rule reading ``source``: its layer of a scanned stack, its part of a
+    fused tensor, then the chain that reshapes it into the target."""
+    ops = tuple(chain.ops)
+    if source.part is not None:
+        ops = (Chunk(axis=0, index=source.part, parts=source.parts),) + ops
+    if source.stacked:
+        ops = (Select(axis=0, index="{i}"),) + ops
+    return ops
+
+
 def _report(source: ParamTree, target: ParamTree, matches, singles, conventions) -> MatchReport:
     decisions: list[Decision] = []
     unresolved: list[Unresolved] = []
@@ -280,27 +306,30 @@ def _report(source: ParamTree, target: ParamTree, matches, singles, conventions)
     for scope in scopes:
         for ambiguity in scope.ambiguous:
             part = f" (its {ambiguity.target.role} part)" if ambiguity.target.role else ""
-            unresolved.append(Unresolved(ambiguity.target.template, [f"{item.label} (cost {c:.2f})" for item, c in ambiguity.candidates], ambiguity.reason + part))
+            options = [Option((item.template,), _rule_ops(item, chain), cost, item.label) for item, chain, cost in ambiguity.candidates]
+            unresolved.append(Unresolved(ambiguity.target.template, [f"{o.label} (cost {o.cost:.2f})" for o in options],
+                                         ambiguity.reason + part, options, ambiguity.target.role))
         for pair in scope.pairs:
             if pair.orientation_open:
-                unresolved.append(Unresolved(pair.target.template, [f"{pair.source.label} as is", f"{pair.source.label} transposed"],
-                                             f"square matrix and no layout convention for '{orientation_key(pair.source)}' tensors"))
+                options = [
+                    Option((pair.source.template,), _rule_ops(pair.source, chain), pair.cost, f"{pair.source.label} {'transposed' if chain.transposed else 'as is'}")
+                    for chain in chains_between(pair.source.shape, pair.target.shape)
+                ]
+                unresolved.append(Unresolved(pair.target.template, [o.label for o in options],
+                                             f"square matrix and no layout convention for '{orientation_key(pair.source)}' tensors",
+                                             options, pair.target.role))
                 continue
             if pair.target.part is not None:
                 fused_targets[pair.target.template].append(pair)
                 continue
-            ops = tuple(pair.chain.ops)
-            if pair.source.part is not None:
-                ops = (Chunk(axis=0, index=pair.source.part, parts=pair.source.parts),) + ops
-            if pair.source.stacked:
-                ops = (Select(axis=0, index="{i}"),) + ops
-            rule = Rule(pair.target.template, (pair.source.template,), tuple(ops))
+            rule = Rule(pair.target.template, (pair.source.template,), _rule_ops(pair.source, pair.chain))
             decisions.append(Decision(rule, _confidence(pair), pair.reasons + [f"margin {pair.margin:.2f}"]))
     for template, parts in fused_targets.items():
         parts.sort(key=lambda p: p.target.part)
         chains = {tuple(op.to_dict().__repr__() for op in p.chain.ops) for p in parts}
         if len(parts) != parts[0].target.parts or len(chains) != 1:
-            unresolved.append(Unresolved(template, [p.source.label for p in parts], "the parts of this fused tensor were not all matched alike"))
+            options = [Option((p.source.template,), _rule_ops(p.source, p.chain), p.cost, f"{p.source.label} as its {p.target.role} part") for p in parts]
+            unresolved.append(Unresolved(template, [o.label for o in options], "the parts of this fused tensor were not all matched alike", options))
             continue
         select = (Select(axis=0, index="{i}"),) if parts[0].source.stacked else ()
         rule = Rule(template, tuple(p.source.template for p in parts), select + tuple(parts[0].chain.ops) + (Concat(0),))
@@ -312,9 +341,10 @@ def _report(source: ParamTree, target: ParamTree, matches, singles, conventions)
         written_targets.update(expand_targets(decision.rule.target))
     unresolved_targets = set()
     for item in unresolved:
-        unresolved_targets.update(expand_targets(item.target.split("[")[0]))
-        for candidate in item.candidates:
-            used_sources.update(expand_sources(candidate.split(" ")[0].split("[")[0]))
+        unresolved_targets.update(expand_targets(item.target))
+        for option in item.options:
+            for src in option.sources:
+                used_sources.update(expand_sources(src))
     unmatched_targets = [k for k in target.keys() if k not in written_targets and k not in unresolved_targets]
     unused_sources = [k for k in source.keys() if k not in used_sources]
     mapping = Mapping(tuple(d.rule for d in decisions), meta={"description": "inferred by matcher from shapes and names"})

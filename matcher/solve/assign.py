@@ -63,7 +63,7 @@ class Pair:
 @dataclass
 class Ambiguity:
     target: Item
-    candidates: list[tuple[Item, float]]  # ranked, best first
+    candidates: list[tuple[Item, Chain, float]]  # ranked, best first: source, its chain to the target, cost
     reason: str
 
 
@@ -169,7 +169,7 @@ def solve_scope(
         pair = Pair(sources[r], targets[c], allowed[0], float(cost[r, c]), margin, reasons, open_orientation)
         if margin < AMBIGUITY_MARGIN:
             doubtful.add(c)
-            ranked = sorted(((sources[k], float(cost[k, c])) for k in range(len(sources)) if cost[k, c] < INFEASIBLE), key=lambda x: x[1])
+            ranked = sorted(((sources[k], options[(k, c)][0][0], float(cost[k, c])) for k in range(len(sources)) if cost[k, c] < INFEASIBLE), key=lambda x: x[2])
             ambiguous.append(Ambiguity(targets[c], ranked[:4], f"{sources[rival].label} fits as well (margin {margin:.3f})"))
             continue
         pairs.append(pair)

@@ -91,7 +91,7 @@ def main():
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (otherwise an existing OUT is an error).")
 @click.option("--no-verify", is_flag=True, help="Skip loading the written model back with from_pretrained.")
 @click.option("--source-model", metavar="SPEC",
-              help="The original implementation, to check numerically and settle ambiguities: 'timm:MODEL_NAME', 'open_clip:MODEL_CONFIG' or 'package.module:factory' (a callable returning an nn.Module whose state_dict keys are the checkpoint's). Built locally with random init, then loaded from SRC; nothing is downloaded.")
+              help="The original implementation, to settle ambiguities and check the result numerically: 'timm:MODEL', 'open_clip:CONFIG', 'path/to/file.py:factory' or 'package.module:factory', each optionally followed by '?key=value&...' keyword arguments (timm ViT kwargs are read off the checkpoint when not given). Built locally and loaded from SRC; nothing is downloaded. Both models run on the same synthetic input; the first diverging module is reported and keeps the run incomplete (exit 3).")
 @click.option("--emit", "emit_format", type=click.Choice(["yaml", "python", "transformers"]),
               help="Write a starter file from the mapping: yaml (the mapping format, templated per layer), python (a standalone converter script), transformers (a conversion-mapping snippet). Needs --emit-out.")
 @click.option("--emit-out", type=click.Path(path_type=Path), metavar="FILE", help="Where --emit writes.")
@@ -149,6 +149,9 @@ def convert_command(src, target_class, config_path, mapping_name, out, allow_dro
     else:
         reporting.render(result, str(saved) if saved else None)
     sys.exit(EXIT_OK if result.complete else EXIT_UNRESOLVED)
+
+
+from . import cli_audit  # noqa: E402,F401  (registers match audit)
 
 
 if __name__ == "__main__":  # pragma: no cover

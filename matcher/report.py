@@ -86,6 +86,17 @@ def render(report: MatchReport, saved: str | None = None) -> None:
     console.print(f"{len(report.decisions)} rules; layout conventions: "
                   + (", ".join(f"{k}: {'transpose' if v else 'as is'}" for k, v in sorted(report.conventions.items())) or "none needed"),
                   markup=False)
+    numeric = report.numeric
+    if numeric:
+        first = numeric.get("first_divergence")
+        console.print(
+            f"numeric check against {numeric['source_model']}: {numeric.get('status')}; {len(numeric['settled'])} item(s) settled, "
+            f"{numeric['compared']} module pairs compared"
+            + (f"; first divergence {first['target_module']} ~ {first['source_module']} ({first['max_abs_diff']:.3g})" if first else ""),
+            markup=False,
+        )
+        for entry in numeric["settled"]:
+            console.print(f"  settled {entry['targets'][0]} ...: {entry['evidence']}", markup=False)
     if report.dropped or report.initialised:
         console.print(f"{len(report.dropped)} source tensors dropped and {len(report.initialised)} target parameters left to initialisation, as declared")
     if report.unresolved:

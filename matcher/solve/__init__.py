@@ -76,6 +76,7 @@ class MatchReport:
     source: ParamTree | None = None
     target: Any = None
     towers: list[dict] = field(default_factory=list)  # which source subtree became which target subtree
+    numeric: dict | None = None  # findings of the check against a source model (matcher.verify)
     dropped: list[str] = field(default_factory=list)  # unused on purpose (declared or allowed)
     initialised: list[str] = field(default_factory=list)  # left to the model's initialisation on purpose
 
@@ -101,6 +102,7 @@ class MatchReport:
             "dropped": self.dropped,
             "initialised": self.initialised,
             "structure": self.towers,
+            "numeric": self.numeric,
             "conventions": {k: ("transpose" if v else "as is") for k, v in sorted(self.conventions.items())},
         }
 

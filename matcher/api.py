@@ -161,8 +161,11 @@ def save(
     verify: bool = True,
     allow_partial: bool = False,
     progress: Callable | None = None,
+    shard_size: int | str | None = None,
 ) -> Path:
-    """Write ``report``'s mapping applied to its source as a from_pretrained-loadable directory."""
+    """Write ``report``'s mapping applied to its source as a from_pretrained-loadable directory
+    (weights in shards of at most ``shard_size`` bytes, e.g. ``"5GB"``, the default, when they
+    do not fit one file)."""
     from .convert import make_plan, save_plan
 
     if report.source is None or report.target is None:
@@ -178,5 +181,5 @@ def save(
             initialised=mapping.initialised + tuple(Declared(k, "not written (partial save)") for k in expansion.unmapped_targets),
         )
     plan = make_plan(report.source, report.target.tree, mapping)
-    return save_plan(plan, report.source, report.target, mapping, out, force=force, verify=verify, progress=progress)
+    return save_plan(plan, report.source, report.target, mapping, out, force=force, verify=verify, progress=progress, shard_size=shard_size)
 

@@ -41,6 +41,18 @@ def _resolve_mapping(value: str) -> Path:
     raise click.BadParameter(f"{value!r} is neither a file nor a known mapping (known: {names})", param_hint="--mapping")
 
 
+def _shard_size(value: str | None) -> int | None:
+    if value is None:
+        return None
+    from .errors import MatcherError
+    from .writer import parse_size
+
+    try:
+        return parse_size(value)
+    except MatcherError as exc:
+        raise click.BadParameter(exc.message, param_hint="--shard-size") from None
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -79,7 +91,7 @@ def main():
 @click.option("--mapping", "mapping_name", metavar="FILE|NAME",
               help="Rules to pin: a YAML/JSON mapping file or a known mapping name (siglip, clip, vit, ...). The matcher infers whatever the file leaves open; its dropped/initialised declarations are honoured.")
 @click.option("--save", "out", type=click.Path(path_type=Path), metavar="OUT",
-              help="Write OUT/ (config.json, model.safetensors, mapping.yaml), loadable with CLASS.from_pretrained(OUT). Written to a temporary directory and renamed when complete.")
+              help="Write OUT/ (config.json, model.safetensors or shards, see --shard-size, mapping.yaml), loadable with CLASS.from_pretrained(OUT). Written to a temporary directory and renamed when complete.")
 @click.option("--allow-drop", multiple=True, metavar="PATTERN",
               help="Source tensors matching PATTERN may stay unused (repeatable; '*' and '{i}' allowed), e.g. 'optimizer/*'.")
 @click.option("--allow-init", multiple=True, metavar="PATTERN",
@@ -90,12 +102,14 @@ def main():
 @click.option("--allow-partial", is_flag=True, help="With --save, write what is decided even if items remain unresolved (exit code is still 3).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (otherwise an existing OUT is an error).")
 @click.option("--no-verify", is_flag=True, help="Skip loading the written model back with from_pretrained.")
+@click.option("--shard-size", metavar="SIZE", callback=lambda ctx, param, value: _shard_size(value),
+              help="With --save, split the weights into model-0000i-of-0000N.safetensors files of at most SIZE (e.g. 5GB, 500MB, 2GiB, or bytes) plus model.safetensors.index.json, as save_pretrained does. Default 5GB; a model that fits is one model.safetensors.")
 @click.option("--source-model", metavar="SPEC",
               help="The original implementation, to settle ambiguities and check the result numerically: 'timm:MODEL', 'open_clip:CONFIG', 'path/to/file.py:factory' or 'package.module:factory', each optionally followed by '?key=value&...' keyword arguments (timm ViT kwargs are read off the checkpoint when not given). Built locally and loaded from SRC; nothing is downloaded. Both models run on the same synthetic input; the first diverging module is reported and keeps the run incomplete (exit 3).")
 @click.option("--emit", "emit_format", type=click.Choice(["yaml", "python", "transformers"]),
               help="Write a starter file from the mapping: yaml (the mapping format, templated per layer), python (a standalone converter script), transformers (a conversion-mapping snippet). Needs --emit-out.")
 @click.option("--emit-out", type=click.Path(path_type=Path), metavar="FILE", help="Where --emit writes.")
-def convert_command(src, target_class, config_path, mapping_name, out, allow_drop, allow_init, mapping_out, as_json, yes, allow_partial, force, no_verify, source_model, emit_format, emit_out):
+def convert_command(src, target_class, config_path, mapping_name, out, allow_drop, allow_init, mapping_out, as_json, yes, allow_partial, force, no_verify, shard_size, source_model, emit_format, emit_out):
     """Convert the checkpoint SRC into the transformers class CLASS, inferring the mapping.
 
     SRC may be a big_vision .npz, a PyTorch .pt/.pth/.bin, a flax msgpack checkpoint, a
@@ -137,7 +151,7 @@ def convert_command(src, target_class, config_path, mapping_name, out, allow_dro
 
             total = sum(o.nbytes for o in make_plan(result.source, result.target.tree, result.mapping).outputs)
             with reporting.progress_bar(total, enabled=not as_json) as advance:
-                saved = save(result, out, force=force, verify=not no_verify, allow_partial=allow_partial, progress=advance)
+                saved = save(result, out, force=force, verify=not no_verify, allow_partial=allow_partial, progress=advance, shard_size=shard_size)
     except MatcherError as exc:
         click.echo(f"error: {exc.line()}", err=True)
         sys.exit(EXIT_BAD_INPUT)

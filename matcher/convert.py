@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -11,7 +12,7 @@ from .errors import MappingError, MatcherError
 from .mapping import ExpandedRule, Expansion, Mapping
 from .ops import apply_chain, chain_output_shape
 from .tree import ParamTree
-from .writer import OutputTensor, atomic_directory, write_safetensors
+from .writer import OutputTensor, atomic_directory, parse_size, write_model
 
 
 @dataclass
@@ -56,9 +57,106 @@ def require_complete(plan: Plan, mapping_name: str = "the mapping") -> None:
         raise MatcherError(f"{mapping_name} does not fit: {plan.expansion.summary()}")
 
 
-def produce(plan: Plan, source: ParamTree, output: OutputTensor) -> Any:
+def produce(plan: Plan, source: ParamTree | "Producer", output: OutputTensor) -> Any:
     rule = plan.by_target[output.name]
     return apply_chain(rule.ops, [source.read(s) for s in rule.sources])
+
+
+def production_order(plan: Plan) -> list[OutputTensor]:
+    """The plan's outputs with those that share a source next to each other (q, k and v cut from
+    one fused tensor; the layers of a scanned stack), so that each source is read once and held
+    only while its outputs are produced. Otherwise the plan's order."""
+    parent = list(range(len(plan.outputs)))
+
+    def root(index: int) -> int:
+        while parent[index] != index:
+            parent[index] = parent[parent[index]]
+            index = parent[index]
+        return index
+
+    first_user: dict[str, int] = {}
+    for index, output in enumerate(plan.outputs):
+        for source in plan.by_target[output.name].sources:
+            if source in first_user:
+                a, b = root(first_user[source]), root(index)
+                parent[max(a, b)] = min(a, b)
+            else:
+                first_user[source] = index
+    groups: dict[int, list[OutputTensor]] = {}
+    for index, output in enumerate(plan.outputs):
+        groups.setdefault(root(index), []).append(output)
+    return [output for group in groups.values() for output in group]
+
+
+PREFETCH_BYTES = 64 * 2**20  # source bytes read ahead of the output being produced
+
+
+class Producer:
+    """Produces the plan's outputs in ``order``, reading each source once: a source read for one
+    output is kept until the last output (in that order) that uses it.
+
+    With ``prefetch``, sources are read by one background thread in the order they will be
+    needed, up to ``PREFETCH_BYTES`` ahead, so that reading (and checking) the next sources
+    overlaps transposing and writing the current output. Every read happens on that thread;
+    ``close`` stops it."""
+
+    def __init__(self, plan: Plan, source: ParamTree, order: list[OutputTensor], prefetch: bool = False):
+        self.plan, self.source = plan, source
+        self.remaining = Counter(s for output in order for s in plan.by_target[output.name].sources)
+        self.cache: dict[str, Any] = {}
+        self.sequence = list(dict.fromkeys(s for output in order for s in plan.by_target[output.name].sources))
+        self.next = 0
+        self.ahead: dict[str, Any] = {}  # source -> Future
+        self.ahead_bytes = 0
+        self.executor = None
+        if prefetch:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="matcher-reader")
+
+    def _read_ahead(self) -> None:
+        while self.executor is not None and self.next < len(self.sequence) and (not self.ahead or self.ahead_bytes < PREFETCH_BYTES):
+            name = self.sequence[self.next]
+            self.next += 1
+            if name not in self.cache:
+                self.ahead[name] = self.executor.submit(self.source.read, name)
+                self.ahead_bytes += self.source[name].nbytes
+
+    def _fetch(self, name: str) -> Any:
+        if name in self.cache:
+            return self.cache[name]
+        self._read_ahead()
+        future = self.ahead.pop(name, None)
+        if future is None:
+            if self.executor is not None:  # only if asked out of the planned order: read on the reader thread all the same
+                return self.executor.submit(self.source.read, name).result()
+            return self.source.read(name)
+        self.ahead_bytes -= self.source[name].nbytes
+        return future.result()
+
+    def read(self, name: str) -> Any:
+        """One source's data (the tree's ``read``), kept while later outputs still need it."""
+        array = self._fetch(name)
+        self.remaining[name] -= 1
+        if self.remaining[name] > 0:
+            self.cache[name] = array
+        else:
+            self.cache.pop(name, None)
+        return array
+
+    def __call__(self, output: OutputTensor) -> Any:
+        result = produce(self.plan, self, output)  # self stands in for the tree: its reads go through the cache
+        self._read_ahead()
+        return result
+
+    def close(self) -> None:
+        """Stop reading ahead: reads not started are cancelled, a running one is waited for."""
+        if self.executor is not None:
+            for future in self.ahead.values():
+                future.cancel()
+            self.ahead.clear()
+            self.executor.shutdown(wait=True)
+            self.executor = None
 
 
 def convert_arrays(source: ParamTree, target: ParamTree, mapping: Mapping) -> dict[str, Any]:
@@ -89,8 +187,10 @@ def convert(
     force: bool = False,
     verify: bool = True,
     progress: Callable[[OutputTensor], None] | None = None,
+    shard_size: int | str | None = None,
 ) -> Path:
-    """Convert ``source`` with ``mapping`` into a ``from_pretrained``-loadable directory ``out``."""
+    """Convert ``source`` with ``mapping`` into a ``from_pretrained``-loadable directory ``out``
+    (weights in shards of at most ``shard_size`` bytes, default 5 GB, when they do not fit one)."""
     from .targets import build_target
 
     source_tree = _as_tree(source)
@@ -98,30 +198,40 @@ def convert(
     target = build_target(target_class, config)
     plan = make_plan(source_tree, target.tree, mapping_obj)
     require_complete(plan)
-    return save_plan(plan, source_tree, target, mapping_obj, out, force=force, verify=verify, progress=progress)
+    return save_plan(plan, source_tree, target, mapping_obj, out, force=force, verify=verify, progress=progress, shard_size=shard_size)
 
 
 def save_plan(plan: Plan, source: ParamTree, target: Any, mapping: Mapping, out: str | os.PathLike, *,
-              force: bool = False, verify: bool = True, progress: Callable[[OutputTensor], None] | None = None) -> Path:
-    """Write a complete plan into ``out`` atomically: config.json, model.safetensors, mapping.yaml."""
+              force: bool = False, verify: bool = True, progress: Callable[[OutputTensor], None] | None = None,
+              shard_size: int | str | None = None) -> Path:
+    """Write a complete plan into ``out`` atomically: config.json, model.safetensors (or shards of
+    at most ``shard_size`` bytes and model.safetensors.index.json), mapping.yaml."""
     require_complete(plan)
     out = Path(out)
+    max_shard_size = parse_size(shard_size) if shard_size is not None else None
     try:
-        return _write_directory(plan, source, target, mapping, out, force, verify, progress)
+        return _write_directory(plan, source, target, mapping, out, force, verify, progress, max_shard_size)
     except OSError as exc:  # full disk, permissions, a vanished directory: the temporary output is already gone
         raise MatcherError(f"cannot write the output: {exc.strerror or exc}", path=str(out)) from exc
 
 
-def _write_directory(plan, source, target, mapping, out: Path, force, verify, progress) -> Path:
+def _write_directory(plan, source, target, mapping, out: Path, force, verify, progress, max_shard_size) -> Path:
     with atomic_directory(out, force=force) as tmp:
         target.config.to_json_file(str(tmp / "config.json"))
-        write_safetensors(
-            tmp / "model.safetensors",
-            plan.outputs,
-            lambda output: produce(plan, source, output),
-            metadata={"format": "pt", "converted_by": "matcher"},
-            progress=progress,
-        )
+        order = production_order(plan)
+        producer = Producer(plan, source, order, prefetch=True)
+        try:
+            write_model(
+                tmp,
+                plan.outputs,
+                producer,
+                max_shard_size=max_shard_size,
+                metadata={"format": "pt", "converted_by": "matcher"},
+                progress=progress,
+                order=order,
+            )
+        finally:
+            producer.close()
         mapping.save(tmp / "mapping.yaml")
         if verify:
             verify_loadable(target.model_class, tmp, allowed_missing=set(plan.expansion.initialised))

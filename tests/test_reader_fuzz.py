@@ -408,12 +408,14 @@ def test_shared_containers_cannot_expand_a_small_pickle_exponentially(tmp_path, 
     assert time.perf_counter() - start < 5
 
 
-def test_legacy_files_load_without_mmap_and_zip_files_with_it(tmp_path, monkeypatch):
+def test_legacy_files_load_in_memory_and_zip_files_on_the_meta_device(tmp_path, monkeypatch):
+    """zip checkpoints are unpickled onto the meta device (nothing allocated, nothing mapped);
+    each tensor is read from the file when asked for."""
     original = torch.load
     seen = []
 
     def spy(source, *args, **kwargs):
-        seen.append(kwargs.get("mmap"))
+        seen.append((kwargs.get("map_location"), kwargs.get("mmap")))
         return original(source, *args, **kwargs)
 
     monkeypatch.setattr(torch, "load", spy)
@@ -422,7 +424,7 @@ def test_legacy_files_load_without_mmap_and_zip_files_with_it(tmp_path, monkeypa
         tree = read_everything(path)
         assert np.array_equal(tree.read("enc.layer_0.kernel"), ARRAYS["enc/layer_0/kernel"])
         assert tree.read("bf").astype(np.float32).tolist() == list(range(5))
-    assert seen == [False, True]
+    assert seen == [("cpu", False), ("meta", False)]
 
 
 # ---------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import MappingError
 from ..mapping import Mapping, Rule
 from ..ops import Chunk, Concat, Select
 from ..tree import ParamTree, natural_key
@@ -259,14 +260,16 @@ def match_trees(source: ParamTree, target: ParamTree) -> MatchReport:
     return report
 
 
-def _towers(source: ParamTree, target: ParamTree, source_units: Units, target_units: Units, matches) -> list[dict]:
-    """The subtree correspondence, with sizes from the containment graphs, for the report."""
-    from ..graph import containment_graph, subtree_params
+def _subtree_params(tree: ParamTree, prefix: str) -> int:
+    """Elements below ``prefix`` (what ``graph.subtree_params`` reads off the containment graph,
+    without building it: the graph costs more than the whole match on a large tree)."""
+    return sum(spec.numel for key, spec in tree.specs.items() if key.startswith(prefix) and key[len(prefix) : len(prefix) + 1] in ("/", "."))
 
-    source_graph = containment_graph(source, source_units.blocks)
-    target_graph = containment_graph(target, target_units.blocks)
+
+def _towers(source: ParamTree, target: ParamTree, source_units: Units, target_units: Units, matches) -> list[dict]:
+    """The subtree correspondence, with sizes, for the report."""
     return [
-        {"source": s, "target": t, "source_params": subtree_params(source_graph, s), "target_params": subtree_params(target_graph, t)}
+        {"source": s, "target": t, "source_params": _subtree_params(source, s), "target_params": _subtree_params(target, t)}
         for s, t in tower_pairs(matches).items()
     ] + [
         {"source": m.source.prefix, "target": m.target.prefix, "layers": m.target.count, "stacked": m.source.stacked}
@@ -283,6 +286,10 @@ def _rule_ops(source: Item, chain) -> tuple:
     if source.stacked:
         ops = (Select(axis=0, index="{i}"),) + ops
     return ops
+
+
+def _inexpressible(exc: MappingError) -> str:
+    return f"the pair is found but the mapping format cannot express it ({exc.message}); give this rule by hand"
 
 
 def _report(source: ParamTree, target: ParamTree, matches, singles, conventions) -> MatchReport:
@@ -324,7 +331,11 @@ def _report(source: ParamTree, target: ParamTree, matches, singles, conventions)
             if pair.target.part is not None:
                 fused_targets[pair.target.template].append(pair)
                 continue
-            rule = Rule(pair.target.template, (pair.source.template,), _rule_ops(pair.source, pair.chain))
+            try:
+                rule = Rule(pair.target.template, (pair.source.template,), _rule_ops(pair.source, pair.chain))
+            except MappingError as exc:  # e.g. one chunk of a fused tensor in a scanned stack: select + chunk
+                unresolved.append(Unresolved(pair.target.template, [pair.source.label], _inexpressible(exc)))
+                continue
             decisions.append(Decision(rule, _confidence(pair), pair.reasons + [f"margin {pair.margin:.2f}"]))
     for template, parts in fused_targets.items():
         parts.sort(key=lambda p: p.target.part)
@@ -334,7 +345,11 @@ def _report(source: ParamTree, target: ParamTree, matches, singles, conventions)
             unresolved.append(Unresolved(template, [o.label for o in options], "the parts of this fused tensor were not all matched alike", options))
             continue
         select = (Select(axis=0, index="{i}"),) if parts[0].source.stacked else ()
-        rule = Rule(template, tuple(p.source.template for p in parts), select + tuple(parts[0].chain.ops) + (Concat(0),))
+        try:
+            rule = Rule(template, tuple(p.source.template for p in parts), select + tuple(parts[0].chain.ops) + (Concat(0),))
+        except MappingError as exc:  # parts from a scanned stack: select + concat
+            unresolved.append(Unresolved(template, [p.source.label for p in parts], _inexpressible(exc)))
+            continue
         decisions.append(Decision(rule, min(_confidence(p) for p in parts), ["concatenation of " + ", ".join(p.source.label for p in parts)]))
     decisions.sort(key=lambda d: natural_key(d.rule.target))
     for decision in decisions:

@@ -117,6 +117,7 @@ def find_stacked(units: Units, counts: set[int]) -> Units:
             chosen[anc] = next(iter(leading))
     if not chosen:
         return units
+    chosen = {_innermost(anc, by_ancestor[anc]): count for anc, count in chosen.items()}
     taken = {k for anc in chosen for k in by_ancestor[anc]}
     singles = {k: v for k, v in units.singles.items() if k not in taken}
     blocks = [b for b in units.blocks if not (b.keys & taken)]
@@ -124,6 +125,22 @@ def find_stacked(units: Units, counts: set[int]) -> Units:
         leaves = {key[len(anc):]: TensorSpec(key, specs[key].shape[1:], specs[key].dtype) for key in by_ancestor[anc]}
         blocks.append(Block(anc, list(range(count)), leaves, set(by_ancestor[anc]), stacked=True))
     return Units(blocks, singles)
+
+
+def _innermost(prefix: str, keys: list[str]) -> str:
+    """The deepest container holding exactly ``keys``: ``transformer/resblocks`` rather than
+    ``transformer`` when the stack is all ``transformer`` holds, so that the stack's ancestors
+    line up with the other side's (``encoder`` above ``layers.{i}``) as an unscanned block's do."""
+    while True:
+        rests = [key[len(prefix) :] for key in keys]
+        separators = {rest[:1] for rest in rests}
+        heads = {re.split(r"[/.]", rest[1:], maxsplit=1)[0] for rest in rests}
+        if len(separators) != 1 or len(heads) != 1:
+            return prefix
+        child = prefix + separators.pop() + heads.pop()
+        if any(len(key) == len(child) for key in keys):  # a tensor of that name: no deeper container
+            return prefix
+        prefix = child
 
 
 def ancestors(path: str) -> list[str]:

@@ -165,6 +165,12 @@ def describe_names(paths: Sequence[str]) -> dict[str, NameInfo]:
     return result
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _spelling(a: str, b: str) -> float:
+    """Spelling closeness; cached, as the same pairs come back in every pass and block pairing."""
+    return SequenceMatcher(None, a, b).ratio()
+
+
 def similarity(a: NameInfo, b: NameInfo) -> float:
     """0..1: shared role tokens, agreeing sibling order, and spelling closeness."""
     union = a.tokens | b.tokens
@@ -172,6 +178,6 @@ def similarity(a: NameInfo, b: NameInfo) -> float:
     order = 0.0
     if a.orders and b.orders:
         order = 1.0 if a.orders[-1] == b.orders[-1] else -1.0
-    spelling = SequenceMatcher(None, a.text, b.text).ratio()
+    spelling = _spelling(a.text, b.text)
     last = 1.0 if a.last == b.last else 0.0
     return max(0.0, min(1.0, 0.45 * jaccard + 0.2 * order + 0.15 * spelling + 0.2 * last + 0.1))

@@ -34,7 +34,13 @@ class _BadArray(Exception):
 
 
 def _is_msgpack_map(head: bytes, path: Path) -> bool:
+    from .safetensors_file import _is_safetensors
+
     first = head[0]
+    if _is_safetensors(head, path):
+        # a safetensors header length whose low byte is 0x81-0x8F (one file in 17) starts like a
+        # msgpack fixmap; a msgpack map never has seven more bytes forming a small length and '{'
+        return False
     # 0x80 alone is an empty map: no checkpoint starts so, but every pickle (protocol 2+) does.
     return 0x81 <= first <= 0x8F or first in (0xDE, 0xDF)
 

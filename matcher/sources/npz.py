@@ -4,6 +4,9 @@ Keys are kept as stored ('/'-joined in big_vision). Pickled object arrays are re
 bfloat16 arrays written by numpy/JAX carry no dtype name (descr ``|V2``): they are read
 as bfloat16, the only 2-byte void type such checkpoints use.
 
+Uncompressed members (what ``np.savez`` writes) are read as read-only views of the
+memory-mapped file (``mapped.py``), CRC-checked; deflated ones through zipfile.
+
 Nothing is trusted before it is checked: the zip directory against the archive size
 (``checks``), each .npy header's length before it is read, and each header's shape ×
 itemsize against the member's size, so an array is only allocated once its bytes are
@@ -17,6 +20,7 @@ import math
 import struct
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +29,7 @@ from ..errors import SourceError
 from ..tree import ParamTree, TensorSpec
 from . import register
 from .checks import open_checked_zip, reason, short
+from .mapped import MappedFile
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _NPY_MAGIC = b"\x93NUMPY"
@@ -84,9 +89,9 @@ def _read_header(handle) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     return shape, bool(fortran), dtype, len(prefix) + len(length_field) + length
 
 
-def _read_headers(archive: zipfile.ZipFile, path: Path) -> tuple[dict[str, TensorSpec], dict[str, tuple[zipfile.ZipInfo, np.dtype]]]:
+def _read_headers(archive: zipfile.ZipFile, path: Path) -> tuple[dict[str, TensorSpec], dict[str, tuple[zipfile.ZipInfo, np.dtype, bool, int]]]:
     specs: dict[str, TensorSpec] = {}
-    layout: dict[str, tuple[zipfile.ZipInfo, np.dtype]] = {}
+    layout: dict[str, tuple[zipfile.ZipInfo, np.dtype, bool, int]] = {}
     for member in archive.infolist():
         if not member.filename.endswith(".npy"):
             raise SourceError(f"member {short(member.filename)} is not an .npy array", path=str(path))
@@ -95,7 +100,7 @@ def _read_headers(archive: zipfile.ZipFile, path: Path) -> tuple[dict[str, Tenso
             raise SourceError(f"array {short(key)} appears twice in the archive", path=str(path))
         try:
             with archive.open(member) as handle:
-                shape, _, dtype, header_size = _read_header(handle)
+                shape, fortran, dtype, header_size = _read_header(handle)
         except Exception as exc:  # zipfile/zlib/numpy header parsing on untrusted bytes
             raise SourceError(f"array {short(key)}: unreadable npy header ({reason(exc)})", path=str(path)) from exc
         name = _dtype_name(dtype, key, path)
@@ -106,8 +111,57 @@ def _read_headers(archive: zipfile.ZipFile, path: Path) -> tuple[dict[str, Tenso
                 path=str(path),
             )
         specs[key] = TensorSpec(key, shape, name)
-        layout[key] = (member, dtype)
+        layout[key] = (member, dtype, fortran, header_size)
     return specs, layout
+
+
+def _member_data(read, member: zipfile.ZipInfo) -> int:
+    """Where a stored member's bytes start, from its local header (``read(offset, n)``)."""
+    local = bytes(read(member.header_offset, 30))
+    if len(local) != 30 or not local.startswith(_ZIP_MAGIC):
+        raise ValueError("bad local file header")
+    name_length, extra_length = struct.unpack("<HH", local[26:30])
+    name = bytes(read(member.header_offset + 30, name_length)).decode("utf-8" if member.flag_bits & 0x800 else "cp437", errors="replace")
+    if name != member.orig_filename:
+        raise ValueError(f"file name in directory and header differ ({short(member.orig_filename)} vs {short(name)})")
+    return member.header_offset + 30 + name_length + extra_length
+
+
+def _read_stored(path: Path, mapped: MappedFile | None, member: zipfile.ZipInfo, shape: tuple[int, ...], dtype: np.dtype,
+                 fortran: bool, header_size: int) -> np.ndarray:
+    """An uncompressed member's array without zipfile's chunked copies: a read-only view of the
+    mapped file (or, where it cannot be mapped, read straight into its buffer), with the
+    member's CRC-32 checked as zipfile checks it."""
+    count = math.prod(shape)
+    stored_shape = shape[::-1] if fortran else shape
+    if mapped is not None:
+        start = _member_data(mapped.view, member)
+        header = mapped.view(start, header_size)
+        array = mapped.array(start + header_size, dtype, count, populate=True)  # the CRC reads it all
+        data = memoryview(array.view(np.uint8))
+    else:
+        with open(path, "rb", buffering=0) as handle:
+
+            def read(offset: int, length: int) -> bytes:
+                handle.seek(offset)
+                return handle.read(length)
+
+            start = _member_data(read, member)
+            header = read(start, header_size)
+            if len(header) != header_size:
+                raise ValueError("member ends inside the .npy header")
+            array = np.empty(count, dtype=dtype)
+            data = memoryview(array.view(np.uint8))
+            filled = 0
+            while filled < len(data):
+                got = handle.readinto(data[filled:])
+                if not got:
+                    raise ValueError(f"truncated: {filled} of {len(data)} data bytes")
+                filled += got
+    if zlib.crc32(data, zlib.crc32(header)) != member.CRC:
+        raise ValueError(f"Bad CRC-32 for file {member.filename!r}")
+    array = array.reshape(stored_shape)
+    return array.T if fortran else array
 
 
 @register("npz", _is_npz)
@@ -119,12 +173,17 @@ def open_npz(path: Path) -> ParamTree:
         archive.close()
         raise
 
+    mapped = MappedFile.open(path)
+
     def load(key: str) -> np.ndarray:
-        member, dtype = layout[key]
+        member, dtype, fortran, header_size = layout[key]
         try:
-            with archive.open(member) as handle, warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                array = np.lib.format.read_array(handle, allow_pickle=False)
+            if member.compress_type == zipfile.ZIP_STORED:
+                array = _read_stored(path, mapped, member, specs[key].shape, dtype, fortran, header_size)
+            else:
+                with archive.open(member) as handle, warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    array = np.lib.format.read_array(handle, allow_pickle=False)
         except Exception as exc:  # truncated data, bad CRC (BadZipFile), zlib.error...
             raise SourceError(f"array {short(key)}: data unreadable ({reason(exc)})", path=str(path)) from exc
         if array.shape != specs[key].shape or array.dtype != dtype:

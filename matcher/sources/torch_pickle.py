@@ -9,8 +9,15 @@ Sizes are checked before torch allocates anything, by format (chosen from the fi
 bytes, not from what ``torch.load`` happens to say when it fails):
 
 - zip checkpoints (torch >= 1.6): the zip directory is checked against the archive
-  (``checks.open_checked_zip``), then the file is loaded with ``mmap=True``, so storages
-  are views of the file, never buffers of the size the pickle claims.
+  (``checks.open_checked_zip``), then the pickle is loaded onto the meta device, so no
+  storage is allocated (let alone of the size the pickle claims); each storage records its
+  offset in the file, and a tensor is a read-only view of the memory-mapped file there
+  (``mapped.py``: the pages read are released as reading goes on, so converting a whole
+  checkpoint never keeps it all resident, as torch's own mmap would).
+  Each offset must be the start of a storage record holding exactly that storage's bytes.
+  Files in the other byte order, or whose offsets do not check out (torch computes them
+  from the layout torch.save writes; a zip rewritten by another tool differs), are loaded
+  with ``mmap=True`` instead: storages are views of the file.
 - legacy checkpoints (pickles followed by raw storages): torch allocates every storage
   the pickle names before reading it, and cannot mmap them. A dry run of the pickles, in
   which every global is an inert stub (nothing imported, nothing called), sums the bytes
@@ -27,7 +34,9 @@ import io
 import pickle
 import re
 import struct
+import sys
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +46,7 @@ from ..errors import SourceError
 from ..tree import ParamTree, TensorSpec, dtype_name
 from . import register
 from .checks import open_checked_zip, reason, short
+from .mapped import MappedFile
 
 CONTAINERS = ("state_dict", "model_state_dict", "model", "module", "params", "weights")
 _PICKLE_PROTOCOL_2_PLUS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
@@ -149,11 +159,12 @@ def _check_legacy(data: bytes, path: Path) -> None:
         )
 
 
-def _check_zip_storages(archive: Any, path: Path) -> None:
-    """Refuse a zip checkpoint whose pickle claims storages its records do not hold.
+def _check_zip_storages(archive: Any, path: Path) -> dict[int, int]:
+    """Refuse a zip checkpoint whose pickle claims storages its records do not hold; return
+    the size of each storage record by the offset of its bytes in the file.
 
-    With ``mmap=True`` torch slices storages out of the mapped file without comparing the
-    size the pickle claims with the record's (it does without mmap), so this does.
+    With ``mmap=True`` (or on the meta device) torch slices storages out of the file without
+    comparing the size the pickle claims with the record's (it does otherwise), so this does.
     """
     pickles = [m for m in archive.infolist() if m.filename == "data.pkl" or m.filename.endswith("/data.pkl")]
     if not pickles:
@@ -163,7 +174,8 @@ def _check_zip_storages(archive: Any, path: Path) -> None:
     try:
         _DryRun(io.BytesIO(archive.read(pickles[0])), storages).load()
     except Exception:
-        return  # torch will fail on this pickle too; with mmap it allocates nothing meanwhile
+        return {}  # torch will fail on this pickle too, allocating nothing meanwhile
+    records: dict[int, int] = {}
     for key, claimed in storages.items():
         if claimed is None or not isinstance(key, str):
             continue  # torch names records by string keys; anything else it refuses
@@ -176,6 +188,21 @@ def _check_zip_storages(archive: Any, path: Path) -> None:
                 f"cannot load the PyTorch checkpoint: storage {short(key)} claims {short(claimed, 40)} bytes but its record holds {record.file_size}",
                 path=str(path),
             )
+        if record.compress_type == zipfile.ZIP_STORED:
+            offset = _data_offset(archive, record)
+            if offset is not None:
+                records[offset] = record.file_size
+    return records
+
+
+def _data_offset(archive: Any, member: Any) -> int | None:
+    """Where a stored zip member's bytes start in the file (after its local header)."""
+    archive.fp.seek(member.header_offset)
+    local = archive.fp.read(30)
+    if len(local) != 30 or not local.startswith(_ZIP_MAGIC):
+        return None
+    name_length, extra_length = struct.unpack("<HH", local[26:30])
+    return member.header_offset + 30 + name_length + extra_length
 
 
 def _unpickling_message(exc: pickle.UnpicklingError) -> tuple[bool, str]:
@@ -192,7 +219,22 @@ def _unpickling_message(exc: pickle.UnpicklingError) -> tuple[bool, str]:
     return refused, detail[:200]
 
 
-def _load(path: Path) -> Any:
+def _native_byte_order(archive: Any) -> bool:
+    """Whether a zip checkpoint's storages are in this machine's byte order (torch byteswaps
+    them on load otherwise; files without the record are little-endian)."""
+    try:
+        records = [m for m in archive.infolist() if m.filename == "byteorder" or m.filename.endswith("/byteorder")]
+        order = archive.read(records[0]).decode(errors="replace").strip() if records and records[0].file_size <= 16 else "little"
+    except Exception:  # a damaged record: the mapped load below fails (or copes) as torch does
+        return False
+    return order == sys.byteorder
+
+
+def _load(path: Path, lazy: bool = True) -> tuple[Any, dict[int, int] | None]:
+    """The unpickled checkpoint and, when its tensors are on the meta device (zip files in
+    native byte order, when ``lazy``), the size of each storage record by file offset: meta
+    storages carry their offset in the file (``_checkpoint_offset``), and nothing has been
+    read or mapped. ``None`` when the tensors hold their data (mapped or in memory)."""
     import torch
 
     try:
@@ -200,18 +242,20 @@ def _load(path: Path) -> Any:
             head = handle.read(len(_ZIP_MAGIC))
         if head == _ZIP_MAGIC:
             with open_checked_zip(path, "PyTorch checkpoint") as archive:
-                _check_zip_storages(archive, path)
-            source, mmap = path, True
+                records = _check_zip_storages(archive, path)
+                lazy = lazy and _native_byte_order(archive)
+            source, mmap = path, not lazy
         else:
             data = path.read_bytes()
             _check_legacy(data, path)
-            source, mmap = io.BytesIO(data), False
+            source, mmap, lazy, records = io.BytesIO(data), False, False, {}
     except OSError as exc:
         raise SourceError(f"cannot read: {exc.strerror or exc}", path=str(path)) from exc
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
+            loaded = torch.load(source, map_location="meta" if lazy else "cpu", weights_only=True, mmap=mmap)
+        return loaded, (records if lazy else None)
     except pickle.UnpicklingError as exc:
         refused, detail = _unpickling_message(exc)
         if refused:
@@ -219,6 +263,32 @@ def _load(path: Path) -> Any:
         raise SourceError(f"cannot load the PyTorch checkpoint (corrupt pickle: {detail})", path=str(path)) from exc
     except Exception as exc:  # torch raises many types on corrupt input (RuntimeError, EOFError, IndexError...)
         raise SourceError(f"cannot load the PyTorch checkpoint ({reason(exc)})", path=str(path)) from exc
+
+
+def _offsets_verified(loaded: Any, records: dict[int, int]) -> bool:
+    """Whether every meta storage's ``_checkpoint_offset`` is the start of a storage record of
+    the file holding exactly its bytes, one record per storage. On the meta device torch
+    computes these offsets from the layout torch.save writes rather than reading each
+    record's header; a zip rewritten by another tool fails this and is mapped instead."""
+    import torch
+
+    stack, seen, owners = [loaded], set(), {}
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or len(seen) > MAX_ENTRIES:
+            continue  # cycles and runaway structures are _flatten's to report
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if obj.layout != torch.strided or obj.is_quantized or obj.device.type != "meta":
+                continue  # refused by _check_tensor
+            offset, storage = _checkpoint_offset(obj), obj.untyped_storage()
+            if offset not in records or storage.nbytes() != records[offset] or owners.setdefault(offset, storage._cdata) != storage._cdata:
+                return False
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+    return True
 
 
 def _key_text(key: Any, path: Path) -> str:
@@ -277,13 +347,13 @@ def _unwrap(obj: Any) -> tuple[Any, list[str]]:
     return obj, path
 
 
-def _check_tensor(key: str, tensor: Any, file_size: int, path: Path) -> None:
+def _check_tensor(key: str, tensor: Any, file_size: int, path: Path, device: str = "cpu") -> None:
     import torch
 
     problem = None
     if tensor.layout != torch.strided:
         problem = f"is a {str(tensor.layout).removeprefix('torch.')} tensor"
-    elif tensor.is_quantized or tensor.device.type != "cpu":
+    elif tensor.is_quantized or tensor.device.type != device:
         problem = "is a quantized tensor" if tensor.is_quantized else f"is on the {tensor.device.type} device"
     elif not _numpy_compatible(tensor.dtype):
         problem = f"has dtype {str(tensor.dtype).removeprefix('torch.')}, which numpy cannot hold"
@@ -291,6 +361,26 @@ def _check_tensor(key: str, tensor: Any, file_size: int, path: Path) -> None:
         problem = f"of shape {short(tuple(tensor.shape))} claims {tensor.numel() * tensor.element_size()} bytes but the file has {file_size}"
     if problem:
         raise SourceError(f"tensor {short(key)} {problem}", path=str(path))
+
+
+def _check_within_storage(key: str, tensor: Any, records: dict[int, int], path: Path) -> None:
+    """A meta tensor's storage is a record of the file and its view fits in that record (what
+    torch checks when it sets a loaded tensor on a real storage; a meta storage just grows)."""
+    import torch
+
+    if tensor.layout != torch.strided or tensor.is_quantized:
+        return  # refused by _check_tensor
+    size = records.get(_checkpoint_offset(tensor))
+    if size is None:
+        raise SourceError(f"cannot load the PyTorch checkpoint: tensor {short(key)} has no storage record in the archive", path=str(path))
+    if tensor.numel() == 0:
+        return
+    last = tensor.storage_offset() + sum((n - 1) * stride for n, stride in zip(tensor.shape, tensor.stride()))
+    if tensor.storage_offset() < 0 or (last + 1) * tensor.element_size() > size:
+        raise SourceError(
+            f"cannot load the PyTorch checkpoint: tensor {short(key)} of shape {short(tuple(tensor.shape))} reaches beyond its storage ({size} bytes)",
+            path=str(path),
+        )
 
 
 @functools.lru_cache(maxsize=None)
@@ -324,9 +414,54 @@ def to_numpy(tensor: Any) -> np.ndarray:
     return tensor.numpy()
 
 
+@functools.lru_cache(maxsize=None)
+def _numpy_dtype(dtype: Any) -> np.dtype:
+    import torch
+
+    return to_numpy(torch.empty(0, dtype=dtype)).dtype
+
+
+def _checkpoint_offset(tensor: Any) -> int | None:
+    offset = getattr(tensor.untyped_storage(), "_checkpoint_offset", None)
+    return offset if isinstance(offset, int) and not isinstance(offset, bool) and offset >= 0 else None
+
+
+def _read_from_file(path: Path, mapped: MappedFile | None, tensor: Any) -> np.ndarray:
+    """A meta tensor's data from its storage's place in the file: a read-only view of the
+    mapped file (``mapped.py`` bounds how much of it stays resident) or, where the file cannot
+    be mapped, a fresh array read from it. The view was checked against its storage record
+    when the file was opened."""
+    shape, strides, start = tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset()
+    dtype = _numpy_dtype(tensor.dtype)
+    if tensor.numel() == 0:
+        return np.empty(shape, dtype)
+    last = start + sum((size - 1) * stride for size, stride in zip(shape, strides))
+    itemsize = dtype.itemsize
+    offset, count = _checkpoint_offset(tensor) + start * itemsize, last - start + 1
+    if mapped is not None:
+        buffer = mapped.array(offset, dtype, count)
+    else:
+        buffer = np.empty(count, dtype)
+        view = memoryview(buffer.view(np.uint8))
+        with open(path, "rb", buffering=0) as handle:
+            handle.seek(offset)
+            filled = 0
+            while filled < len(view):
+                got = handle.readinto(view[filled:])
+                if not got:
+                    raise ValueError(f"truncated: {filled} of {len(view)} bytes")
+                filled += got
+    if count == tensor.numel() and tensor.is_contiguous():
+        return buffer.reshape(shape)
+    return np.lib.stride_tricks.as_strided(buffer, shape, tuple(stride * itemsize for stride in strides), writeable=False)
+
+
 @register("torch", _is_torch)
 def open_torch(path: Path) -> ParamTree:
-    loaded = _load(path)
+    loaded, records = _load(path)
+    if records is not None and not _offsets_verified(loaded, records):
+        loaded, records = _load(path, lazy=False)
+    lazy = records is not None
     if not isinstance(loaded, dict):
         import torch
 
@@ -340,13 +475,17 @@ def open_torch(path: Path) -> ParamTree:
         stripped = "module."
     file_size = path.stat().st_size
     for key, tensor in tensors.items():
-        _check_tensor(key, tensor, file_size, path)
+        if lazy:
+            _check_within_storage(key, tensor, records, path)
+        _check_tensor(key, tensor, file_size, path, device="meta" if lazy else "cpu")
     specs = {k: TensorSpec(k, tuple(int(d) for d in t.shape), dtype_name(t)) for k, t in tensors.items()}
     info = {"unwrapped": unwrapped, "stripped_prefix": stripped, "ignored_entries": ignored}
 
+    mapped = MappedFile.open(path) if lazy else None
+
     def load(key: str) -> np.ndarray:
         try:
-            return to_numpy(tensors[key])
+            return _read_from_file(path, mapped, tensors[key]) if lazy else to_numpy(tensors[key])
         except Exception as exc:  # e.g. a storage mapped from a file truncated since
             raise SourceError(f"tensor {short(key)}: data unreadable ({reason(exc)})", path=str(path)) from exc
 

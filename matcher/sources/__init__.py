@@ -13,6 +13,7 @@ from typing import Callable
 
 from ..errors import SourceError
 from ..tree import ParamTree
+from .checks import ExactFile
 
 SNIFF_BYTES = 64
 # Only for files no reader claims by their bytes (a safetensors file whose header length is
@@ -55,8 +56,8 @@ def detect(path: str | os.PathLike) -> Reader:
             return READERS["directory"]
         if not path.is_file():  # a FIFO or device would block or never end
             raise SourceError("not a regular file", path=str(path))
-        with open(path, "rb") as handle:
-            head = handle.read(SNIFF_BYTES)
+        with ExactFile(path) as handle:
+            head = handle.read(0, SNIFF_BYTES)
     except OSError as exc:
         raise SourceError(f"cannot read: {exc.strerror or exc}", path=str(path)) from exc
     if not head:

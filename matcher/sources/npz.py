@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import SourceError
 from ..tree import ParamTree, TensorSpec
 from . import register
-from .checks import open_checked_zip, reason, short
+from .checks import ExactFile, open_checked_zip, reason, short
 from .mapped import MappedFile
 
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -90,6 +90,11 @@ def _read_header(handle) -> tuple[tuple[int, ...], bool, np.dtype, int]:
 
 
 def _read_headers(archive: zipfile.ZipFile, path: Path) -> tuple[dict[str, TensorSpec], dict[str, tuple[zipfile.ZipInfo, np.dtype, bool, int]]]:
+    with ExactFile(path) as exact:
+        return _read_members(archive, exact, path)
+
+
+def _read_members(archive: zipfile.ZipFile, exact: ExactFile, path: Path) -> tuple[dict[str, TensorSpec], dict[str, tuple[zipfile.ZipInfo, np.dtype, bool, int]]]:
     specs: dict[str, TensorSpec] = {}
     layout: dict[str, tuple[zipfile.ZipInfo, np.dtype, bool, int]] = {}
     for member in archive.infolist():
@@ -99,8 +104,11 @@ def _read_headers(archive: zipfile.ZipFile, path: Path) -> tuple[dict[str, Tenso
         if key in specs:
             raise SourceError(f"array {short(key)} appears twice in the archive", path=str(path))
         try:
-            with archive.open(member) as handle:
-                shape, fortran, dtype, header_size = _read_header(handle)
+            if member.compress_type == zipfile.ZIP_STORED:  # exactly the header's bytes, none of the data's
+                shape, fortran, dtype, header_size = _read_header(_MemberCursor(exact, member))
+            else:  # the header is inside the compressed stream
+                with archive.open(member) as handle:
+                    shape, fortran, dtype, header_size = _read_header(handle)
         except Exception as exc:  # zipfile/zlib/numpy header parsing on untrusted bytes
             raise SourceError(f"array {short(key)}: unreadable npy header ({reason(exc)})", path=str(path)) from exc
         name = _dtype_name(dtype, key, path)
@@ -113,6 +121,20 @@ def _read_headers(archive: zipfile.ZipFile, path: Path) -> tuple[dict[str, Tenso
         specs[key] = TensorSpec(key, shape, name)
         layout[key] = (member, dtype, fortran, header_size)
     return specs, layout
+
+
+class _MemberCursor:
+    """A stored member's bytes read in sequence, within the member, by exact reads."""
+
+    def __init__(self, exact: ExactFile, member: zipfile.ZipInfo):
+        self.exact = exact
+        self.position = _member_data(exact.read, member)
+        self.end = self.position + member.file_size
+
+    def read(self, length: int) -> bytes:
+        data = self.exact.read(self.position, max(0, min(length, self.end - self.position)))
+        self.position += len(data)
+        return data
 
 
 def _member_data(read, member: zipfile.ZipInfo) -> int:

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import SourceError
 from ..tree import ParamTree, TensorSpec, numpy_dtype
 from . import register
-from .checks import short
+from .checks import ExactFile, short
 
 MAX_HEADER = 100 * 1024 * 1024
 DTYPES = {
@@ -42,14 +42,14 @@ def read_header(path: Path) -> tuple[dict, int]:
     """
     try:
         file_size = path.stat().st_size
-        with open(path, "rb") as handle:
-            raw = handle.read(8)
+        with ExactFile(path) as handle:
+            raw = handle.read(0, 8)
             if len(raw) < 8:
                 raise SourceError("truncated safetensors file (no header length)", path=str(path))
             (size,) = struct.unpack("<Q", raw)
             if size > MAX_HEADER or 8 + size > file_size:
                 raise SourceError(f"header length {size} does not fit a file of {file_size} bytes", path=str(path))
-            text = handle.read(size)
+            text = handle.read(8, size)
     except OSError as exc:
         raise SourceError(f"cannot read: {exc.strerror or exc}", path=str(path)) from exc
     if len(text) != size:

@@ -48,8 +48,11 @@ class Rule:
             raise MappingError(f"rule {self.target}: {len(self.sources)} source pattern(s) need exactly one concat/stack op")
         if not many and combining:
             raise MappingError(f"rule {self.target}: {combining[0].name} needs several sources")
-        if len(selecting) > 1 or (selecting and combining):
-            raise MappingError(f"rule {self.target}: at most one chunk/select and not together with concat/stack")
+        if (selecting and combining) or not _selection_allowed(selecting):
+            raise MappingError(
+                f"rule {self.target}: at most one chunk/select (or a select by placeholder and one by number) "
+                "and not together with concat/stack"
+            )
         bound_by_ops = {op.index[1:-1] for op in selecting if isinstance(getattr(op, "index", None), str)}
         unbound = set(template(self.target).variables) - set(self.source_variables) - bound_by_ops
         if unbound:
@@ -105,6 +108,16 @@ class Rule:
             return cls(data["target"], tuple(sources), tuple(opmod.op_from_dict(op) for op in raw_ops), data.get("note"))
         except MappingError as exc:
             raise MappingError(f"{where}: {exc.message}") from exc
+
+
+def _selection_allowed(selecting: Sequence[Op]) -> bool:
+    """One chunk or select; or two selects, one by a placeholder and one by a number (one expert
+    of one part: what reversing a stack of several gathered sources gives)."""
+    if len(selecting) <= 1:
+        return True
+    if len(selecting) != 2 or not all(isinstance(op, opmod.Select) for op in selecting):
+        return False
+    return sorted(isinstance(op.index, str) for op in selecting) == [False, True]
 
 
 @dataclass(frozen=True)
@@ -226,15 +239,15 @@ class Mapping:
         groups: dict[tuple, list[tuple[int, Rule]]] = defaultdict(list)
         order: list[tuple] = []
         for rule in self.rules:
-            position = next((k for k, op in enumerate(rule.ops) if op.selects), None)
-            if position is None:
+            positions = [k for k, op in enumerate(rule.ops) if op.selects]
+            if not positions:
                 reversed_rules.extend(_reverse_plain_or_combined(rule, shape_of))
                 continue
-            key = _selection_group(rule, position)
+            key = _selection_group(rule, positions)
             if key not in groups:
                 order.append(key)
                 reversed_rules.append(key)  # placeholder, filled below to keep the order
-            groups[key].append((position, rule))
+            groups[key].append((positions[0], rule))
         result: list[Rule] = []
         for item in reversed_rules:
             if isinstance(item, Rule):
@@ -331,16 +344,31 @@ def _expand_rule(rule: Rule, source_keys: Sequence[str], target_keys: Sequence[s
     if not bindings:
         problems.append(f"{rule.target}: no key in the {'checkpoint' if carrier else 'target'} matches {carrier or rule.target}")
         return
-    gathered = rule.gathered
+    gathered = set(rule.gathered)
+    # The instances of each gathered source, indexed once by the placeholders the binding fixes
+    # (one pass over the keys per source, not one per layer).
+    instances_of: dict[str, dict[tuple, list[str]]] = {}
+    for source in rule.sources:
+        source_t = template(source)
+        if source in instances_of or not set(source_t.variables) & gathered:
+            continue
+        fixed = [v for v in source_t.variables if v not in gathered]
+        index: dict[tuple, list[str]] = defaultdict(list)
+        for key in source_keys:
+            match = source_t.match(key)
+            if match is not None:
+                index[tuple(match[v] for v in fixed)].append(key)
+        instances_of[source] = {k: sorted(v, key=natural_key) for k, v in index.items()}
     for binding in bindings:
         sources: list[str] = []
         for source in rule.sources:
             filled = template(source).fill(binding)
-            if set(template(filled).variables) & set(gathered):
-                instances = [k for k in source_keys if template(filled).match(k) is not None]
+            if source in instances_of:
+                fixed = [v for v in template(source).variables if v not in gathered]
+                instances = instances_of[source].get(tuple(binding[v] for v in fixed), [])
                 if not instances:
                     problems.append(f"{target_t.fill(binding)}: no key matches {filled}")
-                sources.extend(sorted(instances, key=natural_key))
+                sources.extend(instances)
             else:
                 sources.append(filled)
         if not sources:
@@ -391,17 +419,9 @@ def _reverse_plain_or_combined(rule: Rule, shape_of) -> list[Rule]:
     source_shapes = [shape_of(s) for s in rule.sources]
     pre_shapes = [opmod.chain_output_shape(pre, [s]) for s in source_shapes]
     if rule.gathered:
-        if len(rule.sources) != 1 or combine.name != "stack":
-            raise MappingError(f"reverse: {rule.target}: only a single gathered source under stack can be reversed")
-        (variable,) = rule.gathered
-        parts = [opmod.Select(axis=combine.part_inverse(0, pre_shapes).axis, index=f"{{{variable}}}")]
-    else:
-        parts = [combine.part_inverse(j, pre_shapes) for j in range(len(rule.sources))]
-    if rule.gathered and any(isinstance(op, opmod.MergeAxes) for op in post):
-        raise MappingError(f"reverse: {rule.target}: merging axes after a gathered stack cannot be reversed")
-    # A gathered stack's length is unknown here; only shape-free ops may follow it (checked above).
-    combined_shape = combine.output_shape(pre_shapes * 2 if rule.gathered else pre_shapes)
-    post_reverse = opmod.reverse_unary_chain(post, combined_shape)
+        return _reverse_gathered(rule, pre, combine, post, source_shapes, pre_shapes)
+    parts = [combine.part_inverse(j, pre_shapes) for j in range(len(rule.sources))]
+    post_reverse = opmod.reverse_unary_chain(post, combine.output_shape(pre_shapes))
     rules = []
     for source, source_shape, part in zip(rule.sources, source_shapes, parts):
         ops = post_reverse + [part] + opmod.reverse_unary_chain(pre, source_shape)
@@ -409,14 +429,72 @@ def _reverse_plain_or_combined(rule: Rule, shape_of) -> list[Rule]:
     return rules
 
 
-def _selection_group(rule: Rule, position: int) -> tuple:
-    select = rule.ops[position]
-    signature = {k: v for k, v in select.to_dict()[select.name].items() if k != "index"}
+def _reverse_gathered(rule: Rule, pre, combine: Op, post, source_shapes, pre_shapes) -> list[Rule]:
+    """Reverse a stack over the instances of n gathered sources (experts: one source, ``stack``;
+    gate and up of every expert: two sources, ``stack | split_axis | transpose | merge_axes``).
+
+    The stacked axis holds source j's instance e at j*E + e; the reverse of source j splits it
+    into (n, E) and selects e, then j. The instance count E is not known here: the inverse of
+    ``post`` is computed for two counts and must not depend on it (a size that does becomes -1)."""
+    if len(rule.gathered) != 1 or combine.name != "stack":
+        raise MappingError(f"reverse: {rule.target}: only a stack over one gathered placeholder can be reversed")
+    (variable,) = rule.gathered
+    missing = [s for s in rule.sources if variable not in template(s).variables]
+    if missing:
+        raise MappingError(f"reverse: {rule.target}: source {missing[0]} does not carry the gathered {{{variable}}}")
+    if len(set(pre_shapes)) != 1:
+        raise MappingError(f"reverse: {rule.target}: the stacked sources differ in shape")
+    n = len(rule.sources)
+    leaf = tuple(pre_shapes[0])
+    axis = opmod._norm_axis(combine.axis, len(leaf) + 1, combine.name)
+    post_reverse = _count_free_reverse(rule, post, [combine.output_shape([leaf] * (n * count)) for count in (2, 3)])
+    if n == 1:
+        take = [opmod.Select(axis=axis, index=f"{{{variable}}}")]
+    rules = []
+    for j, (source, source_shape) in enumerate(zip(rule.sources, source_shapes)):
+        if n > 1:
+            take = [opmod.SplitAxis(axis, (n, -1)), opmod.Select(axis=axis + 1, index=f"{{{variable}}}"), opmod.Select(axis=axis, index=j)]
+        ops = post_reverse + take + opmod.reverse_unary_chain(pre, source_shape)
+        rules.append(Rule(source, (rule.target,), tuple(ops), rule.note))
+    return rules
+
+
+def _count_free_reverse(rule: Rule, post, stacked_shapes: list[Shape]) -> list[Op]:
+    """The inverse of ``post`` after a stack of unknown length, from two trial lengths: sizes that
+    differ between them (a split of the stacked axis) become -1; anything else that differs is refused."""
+    first, second = (opmod.reverse_unary_chain(post, shape) for shape in stacked_shapes)
+    result = []
+    for a, b in zip(first, second):
+        if a == b:
+            result.append(a)
+            continue
+        if isinstance(a, opmod.SplitAxis) and isinstance(b, opmod.SplitAxis) and a.axis == b.axis:
+            differ = [k for k, (x, y) in enumerate(zip(a.sizes, b.sizes)) if x != y]
+            if len(differ) == 1 and -1 not in a.sizes:
+                result.append(opmod.SplitAxis(a.axis, tuple(-1 if k == differ[0] else x for k, x in enumerate(a.sizes))))
+                continue
+        raise MappingError(f"reverse: {rule.target}: the ops after the gathered stack depend on the number of instances")
+    return result
+
+
+def _varies(op: Op) -> bool:
+    """The index that differs between the rules one reversed rule regroups: a chunk's part, or a
+    select by number (a select by placeholder is one rule over every instance)."""
+    return isinstance(op, opmod.Chunk) or (isinstance(op, opmod.Select) and not isinstance(op.index, str))
+
+
+def _selection_group(rule: Rule, positions: list[int]) -> tuple:
+    last = positions[-1]
+    selecting = []
+    for op in rule.ops[positions[0] : last + 1]:
+        data = op.to_dict()[op.name]
+        if op.selects and _varies(op):
+            data = {k: v for k, v in data.items() if k != "index"}
+        selecting.append({op.name: data})
     return (
         rule.sources[0],
-        json.dumps([op.to_dict() for op in rule.ops[:position]]),
-        select.name,
-        json.dumps(signature, sort_keys=True),
+        json.dumps([op.to_dict() for op in rule.ops[: positions[0]]]),
+        json.dumps(selecting, sort_keys=True),
     )
 
 
@@ -427,17 +505,29 @@ def _reverse_selection_group(members: list[tuple[int, Rule]], shape_of) -> Rule:
     pre = first.ops[:position]
     source_shape = shape_of(source)
     selected_input = opmod.chain_output_shape(pre, [source_shape])
+    if sum(op.selects for op in first.ops) == 2:
+        return _reverse_two_selects(members, pre, selected_input, source_shape)
     post_dicts = {json.dumps([op.to_dict() for op in rule.ops[position + 1 :]]) for _, rule in members}
     if len(post_dicts) != 1:
         raise MappingError(f"reverse: the parts of {source} are transformed differently after the {select.name}")
     post = first.ops[position + 1 :]
     pre_reverse = opmod.reverse_unary_chain(pre, source_shape)
     if isinstance(select, opmod.Select):
-        if len(members) != 1 or not isinstance(select.index, str):
-            raise MappingError(f"reverse: select on {source} must be one rule indexed by a placeholder")
         post_reverse = opmod.reverse_unary_chain(post, _select_shape(select, selected_input))
+        if isinstance(select.index, str):
+            if len(members) != 1:
+                raise MappingError(f"reverse: select on {source} by {select.index} must be one rule")
+            ops = post_reverse + [opmod.Stack(axis=select.axis)] + pre_reverse
+            return Rule(source, (first.target,), tuple(ops), first.note)
+        by_index = {rule.ops[position].index: rule for _, rule in members}
+        if sorted(by_index) != list(range(selected_input[select.axis])) or len(by_index) != len(members):
+            raise MappingError(
+                f"reverse: {source} has {selected_input[select.axis]} entries on axis {select.axis} but rules select "
+                f"{sorted(by_index)}; the others cannot be restored"
+            )
+        targets = tuple(by_index[k].target for k in sorted(by_index))
         ops = post_reverse + [opmod.Stack(axis=select.axis)] + pre_reverse
-        return Rule(source, (first.target,), tuple(ops), first.note)
+        return Rule(source, targets, tuple(ops), first.note)
     by_index = {rule.ops[position].index: rule for _, rule in members}
     if sorted(by_index) != list(range(select.count)) or len(by_index) != len(members):
         raise MappingError(
@@ -448,6 +538,43 @@ def _reverse_selection_group(members: list[tuple[int, Rule]], shape_of) -> Rule:
     post_reverse = opmod.reverse_unary_chain(post, part_shape)
     targets = tuple(by_index[k].target for k in range(select.count))
     ops = post_reverse + [opmod.Concat(axis=select.axis)] + pre_reverse
+    return Rule(source, targets, tuple(ops), first.note)
+
+
+def _reverse_two_selects(members: list[tuple[int, Rule]], pre, selected_input: Shape, source_shape: Shape) -> Rule:
+    """Rules taking instance ``{e}`` of part ``j`` (a select by placeholder and a select by number,
+    in either order, nothing between them): one rule whose sources are the n parts, each gathered
+    over ``{e}``, stacked in order (n*E, ...) -> (n, E, ...), the two axes moved where the selects
+    took them from."""
+    position, first = members[0]
+    source = first.sources[0]
+    second = position + 1
+    if not (first.ops[second].selects):
+        raise MappingError(f"reverse: the two selects on {source} must follow each other")
+    ops_pair = (first.ops[position], first.ops[second])
+    post_dicts = {json.dumps([op.to_dict() for op in rule.ops[second + 1 :]]) for _, rule in members}
+    if len(post_dicts) != 1:
+        raise MappingError(f"reverse: the parts of {source} are transformed differently after the selects")
+    ndim = len(selected_input)
+    first_axis = opmod._norm_axis(ops_pair[0].axis, ndim, "select")
+    second_axis = opmod._norm_axis(ops_pair[1].axis, ndim - 1, "select")
+    positions = (first_axis, second_axis if second_axis < first_axis else second_axis + 1)  # in the pre-output's axes
+    numbered = 0 if _varies(ops_pair[0]) else 1
+    part_axis, instance_axis = positions[numbered], positions[1 - numbered]
+    by_index = {rule.ops[position + numbered].index: rule for _, rule in members}
+    count = selected_input[part_axis]
+    if sorted(by_index) != list(range(count)) or len(by_index) != len(members):
+        raise MappingError(f"reverse: {source} has {count} parts on axis {part_axis} but rules select {sorted(by_index)}; the others cannot be restored")
+    remaining = iter(range(2, ndim))
+    perm = tuple(0 if k == part_axis else 1 if k == instance_axis else next(remaining) for k in range(ndim))
+    post = first.ops[second + 1 :]
+    leaf_shape = tuple(size for k, size in enumerate(selected_input) if k not in positions)
+    post_reverse = opmod.reverse_unary_chain(post, leaf_shape)
+    ops = post_reverse + [opmod.Stack(0), opmod.SplitAxis(0, (count, -1))]
+    if perm != tuple(range(ndim)):
+        ops.append(opmod.Transpose(perm))
+    ops += opmod.reverse_unary_chain(pre, source_shape)
+    targets = tuple(by_index[k].target for k in range(count))
     return Rule(source, targets, tuple(ops), first.note)
 
 

@@ -2,7 +2,8 @@
 
 1. Repeated blocks on both sides (``blocks``); block templates are paired by solving one
    instance of each candidate pair (``assign.solve_scope``) and an optimal assignment
-   over the pairs' costs.
+   over the pairs' costs. Inside a scope, inner groups (the experts of a MoE layer) become
+   gathered items, stacked over their instances (``groups``).
 2. Leaves outside blocks are assigned globally, helped by the tower correspondence the
    block pairs establish (``params/img`` ~ ``vision_model``).
 3. Orientation: pass one decides what shapes force and learns, per source name
@@ -22,11 +23,10 @@ import numpy as np
 
 from ..errors import MappingError
 from ..mapping import Mapping, Rule
-from ..ops import Chunk, Concat, Select
+from ..ops import Chunk, Concat, MergeAxes, Select, SplitAxis, Stack, Transpose
 from ..tree import ParamTree, natural_key
-from .assign import INFEASIBLE, Ambiguity, Item, Pair, ScopeResult, orientation_key, solve_scope
+from .assign import INFEASIBLE, Ambiguity, Item, Pair, ScopeResult, item_chains, orientation_key, solve_scope
 from .blocks import Block, Units, ancestors, find_blocks, find_stacked
-from .chains import chains_between
 from .names import describe_names, is_training_state, similarity
 
 CONVENTION_AGREEMENT = 0.8
@@ -207,7 +207,7 @@ def _learn_conventions(pairs: list[Pair]) -> dict[str, bool]:
     for pair in pairs:
         if len(pair.target.shape) < 2:
             continue
-        flags = {c.transposed for c in chains_between(pair.source.shape, pair.target.shape)}
+        flags = {c.transposed for c in item_chains(pair.source, pair.target)}
         if len(flags) == 1:
             votes[orientation_key(pair.source)][flags.pop()] += 1
     conventions = {}
@@ -277,15 +277,74 @@ def _towers(source: ParamTree, target: ParamTree, source_units: Units, target_un
     ]
 
 
-def _rule_ops(source: Item, chain) -> tuple:
+def _rule_ops(source: Item, chain, target: Item | None = None) -> tuple:
     """The op chain of a rule reading ``source``: its layer of a scanned stack, its part of a
-    fused tensor, then the chain that reshapes it into the target."""
+    fused tensor, then the chain that reshapes it into the target; the instances of a gathered
+    source (experts) go through that chain one by one and are stacked on a new axis 0, unless
+    the target is gathered too (instance e -> instance e)."""
     ops = tuple(chain.ops)
     if source.part is not None:
-        ops = (Chunk(axis=0, index=source.part, parts=source.parts),) + ops
+        ops = (Chunk(axis=source.part_axis - (1 if source.gathered else 0), index=source.part, parts=source.parts),) + ops
     if source.stacked:
         ops = (Select(axis=0, index="{i}"),) + ops
+    if source.gathered and not (target is not None and target.gathered):
+        ops = ops + (Stack(0),)
     return ops
+
+
+def _fused_ops(parts: list[Pair]) -> tuple | None:
+    """The ops of a fused target made of ``parts`` (each read by the same chain), or None when
+    the parts are not read alike (some gathered, some not; different instance counts)."""
+    first = parts[0]
+    gathered = {p.source.gathered for p in parts}
+    if len(gathered) != 1 or len({p.target.part_axis for p in parts}) != 1:
+        return None
+    chain = tuple(first.chain.ops)
+    if not first.source.gathered or first.target.gathered:  # one array per source (per instance when both gathered)
+        select = (Select(axis=0, index="{i}"),) if first.source.stacked else ()
+        return select + chain + (Concat(first.target.part_axis - (1 if first.target.gathered else 0)),)
+    if first.target.part_axis != 1 or any(p.source.part is not None for p in parts):
+        return None
+    return _stacked_concat_ops(chain, len(parts), len(first.target.shape))
+
+
+def _stacked_concat_ops(chain: tuple, parts: int, ndim: int) -> tuple:
+    """Instances of ``parts`` gathered sources stacked in order (n*E, ...) -> (n, E, ...) -> (E, n, ...)
+    -> (E, n*part, ...): per expert, the parts concatenated on the axis after the expert axis
+    (``ndim``: rank of one part, expert axis included)."""
+    return chain + (Stack(0), SplitAxis(0, (parts, -1)), Transpose((1, 0) + tuple(range(2, ndim + 1))), MergeAxes(1, 2))
+
+
+def _stacked_parts(target: Item) -> bool:
+    """A part of a fused target made of gathered sources (``experts.gate_up_proj``'s gate part):
+    its rule is not a concat of per-part rules, so options name every part at once."""
+    return target.part is not None and target.part_axis == 1 and not target.gathered
+
+
+MAX_WHOLE_OPTIONS = 4
+
+
+def _whole_options(target: Item, candidates: dict[int, list]) -> list[Option]:
+    """Complete assignments of sources to the parts of a stacked fused target, cheapest first:
+    each part takes one of its candidates, no source twice, every part read by the same chain."""
+    import itertools
+
+    from .names import fused_parts
+
+    roles = fused_parts(target.name) or ()
+    per_part = [candidates.get(index, []) for index in range(target.parts or 0)]
+    options = []
+    for combo in itertools.product(*per_part):
+        items = [item for item, _, _ in combo]
+        chains = {tuple(repr(op.to_dict()) for op in chain.ops) for _, chain, _ in combo}
+        if not items or len({i.template for i in items}) != len(items) or len(chains) != 1:
+            continue
+        if len({i.gathered for i in items}) != 1 or not items[0].gathered or any(i.part is not None for i in items):
+            continue
+        ops = _stacked_concat_ops(tuple(combo[0][1].ops), len(combo), len(target.shape))
+        label = ", ".join(f"{roles[k] if k < len(roles) else k} <- {item.label}" for k, item in enumerate(items))
+        options.append(Option(tuple(i.template for i in items), ops, float(sum(cost for _, _, cost in combo)), label))
+    return sorted(options, key=lambda o: o.cost)[:MAX_WHOLE_OPTIONS]
 
 
 def _inexpressible(exc: MappingError) -> str:
@@ -311,18 +370,35 @@ def _report(source: ParamTree, target: ParamTree, matches, singles, conventions)
         t = tmpl(template)
         return [k for k in target.keys() if t.match(k) is not None]
 
+    stacked_parts: dict[str, dict[int, list]] = defaultdict(dict)  # fused target of gathered parts -> part -> candidates
+    stacked_items: dict[str, Item] = {}
+    stacked_reasons: dict[str, list[str]] = defaultdict(list)
+
+    def hold_stacked_part(target_item: Item, candidates: list, reason: str | None) -> None:
+        stacked_parts[target_item.template][target_item.part] = candidates
+        stacked_items[target_item.template] = target_item
+        if reason:
+            stacked_reasons[target_item.template].append(reason)
+
     scopes = [m.result for m in matches] + [singles]
     for scope in scopes:
         for ambiguity in scope.ambiguous:
             part = f" (its {ambiguity.target.role} part)" if ambiguity.target.role else ""
-            options = [Option((item.template,), _rule_ops(item, chain), cost, item.label) for item, chain, cost in ambiguity.candidates]
+            if _stacked_parts(ambiguity.target):
+                hold_stacked_part(ambiguity.target, list(ambiguity.candidates), ambiguity.reason + part)
+                continue
+            options = [Option((item.template,), _rule_ops(item, chain, ambiguity.target), cost, item.label) for item, chain, cost in ambiguity.candidates]
             unresolved.append(Unresolved(ambiguity.target.template, [f"{o.label} (cost {o.cost:.2f})" for o in options],
                                          ambiguity.reason + part, options, ambiguity.target.role))
         for pair in scope.pairs:
+            if pair.orientation_open and _stacked_parts(pair.target):
+                hold_stacked_part(pair.target, [(pair.source, chain, pair.cost) for chain in item_chains(pair.source, pair.target)],
+                                  f"square matrix and no layout convention for '{orientation_key(pair.source)}' tensors (its {pair.target.role} part)")
+                continue
             if pair.orientation_open:
                 options = [
-                    Option((pair.source.template,), _rule_ops(pair.source, chain), pair.cost, f"{pair.source.label} {'transposed' if chain.transposed else 'as is'}")
-                    for chain in chains_between(pair.source.shape, pair.target.shape)
+                    Option((pair.source.template,), _rule_ops(pair.source, chain, pair.target), pair.cost, f"{pair.source.label} {'transposed' if chain.transposed else 'as is'}")
+                    for chain in item_chains(pair.source, pair.target)
                 ]
                 unresolved.append(Unresolved(pair.target.template, [o.label for o in options],
                                              f"square matrix and no layout convention for '{orientation_key(pair.source)}' tensors",
@@ -332,7 +408,7 @@ def _report(source: ParamTree, target: ParamTree, matches, singles, conventions)
                 fused_targets[pair.target.template].append(pair)
                 continue
             try:
-                rule = Rule(pair.target.template, (pair.source.template,), _rule_ops(pair.source, pair.chain))
+                rule = Rule(pair.target.template, (pair.source.template,), _rule_ops(pair.source, pair.chain, pair.target))
             except MappingError as exc:  # e.g. one chunk of a fused tensor in a scanned stack: select + chunk
                 unresolved.append(Unresolved(pair.target.template, [pair.source.label], _inexpressible(exc)))
                 continue
@@ -340,17 +416,27 @@ def _report(source: ParamTree, target: ParamTree, matches, singles, conventions)
     for template, parts in fused_targets.items():
         parts.sort(key=lambda p: p.target.part)
         chains = {tuple(op.to_dict().__repr__() for op in p.chain.ops) for p in parts}
-        if len(parts) != parts[0].target.parts or len(chains) != 1:
-            options = [Option((p.source.template,), _rule_ops(p.source, p.chain), p.cost, f"{p.source.label} as its {p.target.role} part") for p in parts]
+        ops = _fused_ops(parts)
+        alike = len(parts) == parts[0].target.parts and len(chains) == 1 and ops is not None
+        if template in stacked_parts or (not alike and _stacked_parts(parts[0].target)):
+            for p in parts:
+                hold_stacked_part(p.target, [(p.source, p.chain, p.cost)], None)
+            if not alike and template not in stacked_reasons:
+                stacked_reasons[template].append("the parts of this fused tensor were not all matched alike")
+            continue
+        if not alike:
+            options = [Option((p.source.template,), _rule_ops(p.source, p.chain, p.target), p.cost, f"{p.source.label} as its {p.target.role} part") for p in parts]
             unresolved.append(Unresolved(template, [o.label for o in options], "the parts of this fused tensor were not all matched alike", options))
             continue
-        select = (Select(axis=0, index="{i}"),) if parts[0].source.stacked else ()
         try:
-            rule = Rule(template, tuple(p.source.template for p in parts), select + tuple(parts[0].chain.ops) + (Concat(0),))
+            rule = Rule(template, tuple(p.source.template for p in parts), ops)
         except MappingError as exc:  # parts from a scanned stack: select + concat
             unresolved.append(Unresolved(template, [p.source.label for p in parts], _inexpressible(exc)))
             continue
         decisions.append(Decision(rule, min(_confidence(p) for p in parts), ["concatenation of " + ", ".join(p.source.label for p in parts)]))
+    for template, candidates in stacked_parts.items():
+        options = _whole_options(stacked_items[template], candidates)
+        unresolved.append(Unresolved(template, [f"{o.label} (cost {o.cost:.2f})" for o in options], "; ".join(stacked_reasons[template]), options))
     decisions.sort(key=lambda d: natural_key(d.rule.target))
     for decision in decisions:
         for src in decision.rule.sources:

@@ -5,7 +5,7 @@ and an ambiguity check: a pair whose best alternative is within a margin is not 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -43,10 +43,25 @@ class Item:
     parts: int | None = None
     role: str | None = None
     stacked: bool = False  # one layer of a scanned stack: select index {i} on axis 0 first
+    gathered: int = 0  # instances of an inner group (experts) stacked on a new leading axis; shape includes it
+    part_axis: int = 0  # the axis a fused tensor's parts are cut along (1 when axis 0 counts experts)
 
     @property
     def label(self) -> str:
         return self.template if self.part is None else f"{self.template}[{self.role}]"
+
+
+def item_chains(source: Item, target: Item) -> tuple[Chain, ...]:
+    """Chains turning ``source`` into ``target``. A gathered source is one array per instance,
+    stacked on a new leading axis: its chains act on one instance (before the stack) and the
+    target must lead with the instance count (or be gathered too: instance e -> instance e)."""
+    if source.gathered:
+        if target.shape[:1] != (source.gathered,):
+            return ()
+        return chains_between(tuple(source.shape[1:]), tuple(target.shape[1:]))
+    if target.gathered:  # instance e of a target group from a tensor that is not one: not expressed
+        return ()
+    return chains_between(source.shape, target.shape)
 
 
 @dataclass
@@ -91,27 +106,40 @@ def orientation_key(item: Item) -> str:
 
 
 def split_fused(items: Sequence[Item], other_side: Sequence[Item]) -> list[Item]:
-    """Replace fused tensors (qkv, in_proj) by their parts, unless the other side fuses alike."""
+    """Replace fused tensors (qkv, in_proj) by their parts, unless the other side fuses alike.
+
+    The parts are cut along axis 0, or along axis 1 when axis 0 counts instances: the item is
+    gathered itself, or it leads with the count of the other side's gathered items (a fused
+    ``experts.gate_up_proj`` (E, 2I, D) facing per-expert gate and up tensors)."""
     other_fused = {fused_parts(i.name) for i in other_side} - {None}
+    other_counts = {i.gathered for i in other_side if i.gathered}
     result = []
     for item in items:
         roles = fused_parts(item.name)
-        if roles and roles not in other_fused and item.shape and item.shape[0] % len(roles) == 0:
-            part_shape = (item.shape[0] // len(roles),) + tuple(item.shape[1:])
+        axis = 1 if item.gathered or (len(item.shape) >= 2 and item.shape[0] in other_counts) else 0
+        if roles and roles not in other_fused and len(item.shape) > axis and item.shape[axis] % len(roles) == 0:
+            shape = list(item.shape)
+            shape[axis] //= len(roles)
             for index, role in enumerate(roles):
-                result.append(Item(item.template, item.name, part_shape, index, len(roles), role, item.stacked))
+                result.append(replace(item, shape=tuple(shape), part=index, parts=len(roles), role=role, part_axis=axis))
         else:
             result.append(item)
     return result
 
 
 def _infos(items: Sequence[Item]) -> list[NameInfo]:
+    """Names as evidence. A part of a fused tensor reads as its own role only: the roles the
+    fused name spells (``gate_up_proj`` says gate and up) are the same for every part."""
+    from .names import synonyms
+
+    role_of = synonyms().role_of
     described = describe_names([i.name for i in items])
     infos = []
     for item in items:
         info = described[item.name]
         if item.role is not None:
-            info = NameInfo(info.tokens | {item.role}, info.orders, info.last, f"{info.text}.{item.role}")
+            spelled = {role_of.get(r, r) for r in fused_parts(item.name) or ()}
+            info = NameInfo((info.tokens - spelled) | {role_of.get(item.role, item.role)}, info.orders, info.last, f"{info.text}.{item.role}")
         infos.append(info)
     return infos
 
@@ -133,6 +161,9 @@ def solve_scope(
     conventions: dict[str, bool],
     affinity: Callable[[Item, Item], float] | None = None,
 ) -> ScopeResult:
+    from .groups import gather_groups
+
+    sources, targets = gather_groups(sources, targets)
     sources = split_fused(sources, targets)
     targets = split_fused(targets, sources)
     if not sources or not targets:
@@ -143,10 +174,10 @@ def solve_scope(
     shape_cache: dict[tuple, tuple[Chain, ...]] = {}
     for r, source in enumerate(sources):
         for c, target in enumerate(targets):
-            key = (source.shape, target.shape)
+            key = (source.shape, target.shape, source.gathered, target.gathered)
             chains = shape_cache.get(key)
             if chains is None:
-                chains = shape_cache[key] = chains_between(source.shape, target.shape)
+                chains = shape_cache[key] = item_chains(source, target)
             if not chains:
                 continue
             allowed, penalty, open_orientation = _allowed(chains, conventions.get(orientation_key(source)))

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -202,6 +203,55 @@ def build_llama(work: Path, layout: str) -> Case:
                 tensors=len(specs), params=sum(s.numel for s in target.specs.values()))
 
 
+MOE = dict(hidden_size=2048, intermediate_size=1408, num_hidden_layers=66, num_attention_heads=16, num_key_value_heads=4,
+           num_local_experts=256, num_experts_per_tok=8, vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def build_moe(work: Path) -> Case:
+    """A mixture-of-experts decoder as hub checkpoints store it (Mixtral's layout: one tensor per
+    expert, ``block_sparse_moe.experts.{e}.w1/w2/w3``) -> transformers' MixtralForCausalLM, which
+    holds each layer's experts in two fused 3-D parameters: 66 layers x 256 experts, 51 153
+    tensors, 147 B bf16 parameters: a 294 GB sparse file. The known mapping is written out here by hand
+    (transformers' own conversion_mapping.py does the same with MergeModulelist + Concatenate)."""
+    _shim()
+    from transformers import MixtralConfig
+
+    from matcher.mapping import Mapping, Rule
+    from matcher.ops import MergeAxes, SplitAxis, Stack, Transpose
+    from matcher.targets import build_target
+
+    directory = work / "moe"
+    directory.mkdir(exist_ok=True)
+    config = MixtralConfig(**MOE)
+    config.to_json_file(directory / "config.json")
+    target = build_target("MixtralForCausalLM", config).tree
+    d, f, experts = MOE["hidden_size"], MOE["intermediate_size"], MOE["num_local_experts"]
+    hub = "model.layers.{i}.block_sparse_moe"
+    expert_shapes = {"w1": (f, d), "w2": (d, f), "w3": (f, d)}
+    specs = []
+    for key, spec in target.specs.items():
+        if ".mlp.experts." in key:
+            continue
+        specs.append((key.replace(".mlp.gate.", ".block_sparse_moe.gate."), spec.shape, "bfloat16"))
+    for layer in range(MOE["num_hidden_layers"]):
+        for expert in range(experts):
+            for name, shape in expert_shapes.items():
+                specs.append((f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{name}.weight", shape, "bfloat16"))
+    path = directory / "model.safetensors"
+    if not path.exists():
+        sparse.write_sparse_safetensors(path, specs)
+    rules = [Rule(k, (k.replace(".mlp.gate.", ".block_sparse_moe.gate."),), ()) for k in target.keys() if ".mlp.experts." not in k]
+    rules += [
+        Rule("model.layers.{i}.mlp.experts.gate_up_proj", (f"{hub}.experts.{{e}}.w1.weight", f"{hub}.experts.{{e}}.w3.weight"),
+             (Stack(0), SplitAxis(0, (2, -1)), Transpose((1, 0, 2, 3)), MergeAxes(1, 2))),
+        Rule("model.layers.{i}.mlp.experts.down_proj", (f"{hub}.experts.{{e}}.w2.weight",), (Stack(0),)),
+    ]
+    Mapping(tuple(rules)).save(directory / "known.yaml")
+    return Case("moe", f"MoE decoder, {MOE['num_hidden_layers']} layers x {experts} experts (Mixtral hub layout, bf16 safetensors)",
+                "MixtralForCausalLM", path, directory / "config.json", directory / "known.yaml",
+                tensors=len(specs), params=sum(math.prod(shape) for _, shape, _ in specs))
+
+
 def build_so400m_inferred(work: Path) -> Case:
     case = build_so400m(work)
     return Case("so400m-inferred", "SigLIP so400m/14-384, no --config (config inferred)", case.target_class, case.source, None, case.known,
@@ -214,6 +264,7 @@ BUILDERS = {
     "vit-g": build_vit_g,
     "llama-hf": lambda work: build_llama(work, "hf"),
     "llama-meta": lambda work: build_llama(work, "meta"),
+    "moe": build_moe,
 }
 
 

@@ -27,7 +27,7 @@ from ..ops import Chunk, Concat, MergeAxes, Select, SplitAxis, Stack, Transpose
 from ..tree import ParamTree, natural_key
 from .assign import INFEASIBLE, Ambiguity, Item, Pair, ScopeResult, item_chains, orientation_key, solve_scope
 from .blocks import Block, Units, ancestors, find_blocks, find_stacked
-from .names import describe_names, is_training_state, similarity
+from .names import describe_names, hidden_layout_note, is_training_state, similarity
 
 CONVENTION_AGREEMENT = 0.8
 TOWER_BONUS = -0.3
@@ -351,6 +351,21 @@ def _inexpressible(exc: MappingError) -> str:
     return f"the pair is found but the mapping format cannot express it ({exc.message}); give this rule by hand"
 
 
+def _hold_hidden_layouts(decisions: list[Decision], unresolved: list[Unresolved]) -> list[Decision]:
+    """Decisions whose source has a layout shapes and names cannot show (synonyms.yaml
+    ``hidden_layouts``) become questions, the pair found kept as the option."""
+    kept = []
+    for decision in decisions:
+        note = next((n for n in map(hidden_layout_note, decision.rule.sources) if n), None)
+        if note is None:
+            kept.append(decision)
+            continue
+        rule = decision.rule
+        label = f"{', '.join(rule.sources)} as found ({'; '.join(decision.reasons[:2])})"
+        unresolved.append(Unresolved(rule.target, [label], note, [Option(rule.sources, rule.ops, 0.0, label)]))
+    return kept
+
+
 def _report(source: ParamTree, target: ParamTree, matches, singles, conventions) -> MatchReport:
     decisions: list[Decision] = []
     unresolved: list[Unresolved] = []
@@ -437,6 +452,7 @@ def _report(source: ParamTree, target: ParamTree, matches, singles, conventions)
     for template, candidates in stacked_parts.items():
         options = _whole_options(stacked_items[template], candidates)
         unresolved.append(Unresolved(template, [f"{o.label} (cost {o.cost:.2f})" for o in options], "; ".join(stacked_reasons[template]), options))
+    decisions = _hold_hidden_layouts(decisions, unresolved)
     decisions.sort(key=lambda d: natural_key(d.rule.target))
     for decision in decisions:
         for src in decision.rule.sources:

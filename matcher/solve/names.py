@@ -8,6 +8,7 @@ Numbers become order tokens: ``LayerNorm_0``/``LayerNorm_1`` and ``layer_norm1``
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import re
 from collections import defaultdict
@@ -31,6 +32,7 @@ class Synonyms:
     ordinals: dict[str, int]
     not_parameters: frozenset[str]
     implied_by_leaf: dict[str, str]
+    hidden_layouts: tuple[tuple[tuple[str, ...], str], ...] = ()  # (source patterns, note)
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,7 +40,7 @@ def synonyms(path: Path = SYNONYMS_FILE) -> Synonyms:
     import yaml
 
     data = yaml.safe_load(path.read_text())
-    unknown = set(data) - {"roles", "fused", "ordinals", "not_parameters", "implied_by_leaf"}
+    unknown = set(data) - {"roles", "fused", "ordinals", "not_parameters", "implied_by_leaf", "hidden_layouts"}
     if unknown:
         raise MatcherError(f"unknown section(s) {sorted(unknown)}", path=str(path))
     role_of: dict[str, str] = {}
@@ -52,7 +54,16 @@ def synonyms(path: Path = SYNONYMS_FILE) -> Synonyms:
     ordinals = {k.lower(): int(v) for k, v in data.get("ordinals", {}).items()}
     not_parameters = frozenset(str(s).lower() for s in data.get("not_parameters", []))
     implied = {str(k).lower(): str(v) for k, v in (data.get("implied_by_leaf") or {}).items()}
-    return Synonyms(role_of, fused, ordinals, not_parameters, implied)
+    hidden = tuple((tuple(str(p) for p in entry["sources"]), " ".join(str(entry["note"]).split())) for entry in data.get("hidden_layouts") or ())
+    return Synonyms(role_of, fused, ordinals, not_parameters, implied, hidden)
+
+
+def hidden_layout_note(source_template: str) -> str | None:
+    """The note of the first ``hidden_layouts`` entry whose patterns match ``source_template``."""
+    for patterns, note in synonyms().hidden_layouts:
+        if any(fnmatch.fnmatchcase(source_template, pattern) for pattern in patterns):
+            return note
+    return None
 
 
 def is_training_state(path: str) -> bool:

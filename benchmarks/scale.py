@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 import sparse_checkpoints as sparse  # noqa: E402
+from llama_layouts import meta_name  # noqa: E402
 
 PYTHON = sys.executable
 MATCH = str(Path(PYTHON).with_name("match"))
@@ -158,35 +159,6 @@ def build_vit_depth(work: Path, depth: int) -> Case:
     return _vit_case(work, f"vit-depth-{depth}", f"ViT-B/16 width, {depth} layers", model, config, head=True)
 
 
-META_NAMES = [  # transformers key -> Meta's original (consolidated.*.pth) key
-    (r"^model\.embed_tokens\.", "tok_embeddings."),
-    (r"^model\.norm\.", "norm."),
-    (r"^lm_head\.", "output."),
-    (r"^model\.layers\.(\d+)\.self_attn\.q_proj\.", r"layers.\1.attention.wq."),
-    (r"^model\.layers\.(\d+)\.self_attn\.k_proj\.", r"layers.\1.attention.wk."),
-    (r"^model\.layers\.(\d+)\.self_attn\.v_proj\.", r"layers.\1.attention.wv."),
-    (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.", r"layers.\1.attention.wo."),
-    (r"^model\.layers\.(\d+)\.mlp\.gate_proj\.", r"layers.\1.feed_forward.w1."),
-    (r"^model\.layers\.(\d+)\.mlp\.down_proj\.", r"layers.\1.feed_forward.w2."),
-    (r"^model\.layers\.(\d+)\.mlp\.up_proj\.", r"layers.\1.feed_forward.w3."),
-    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.attention_norm."),
-    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"layers.\1.ffn_norm."),
-]
-
-
-def _template_meta_name(key: str) -> str:
-    """meta_name for a template key (``{i}`` for the layer number)."""
-    return meta_name(key.replace("{i}", "0")).replace(".0.", ".{i}.", 1)
-
-
-def meta_name(key: str) -> str:
-    for pattern, replacement in META_NAMES:
-        new, count = re.subn(pattern, replacement, key)
-        if count:
-            return new
-    raise KeyError(key)
-
-
 def rotary_rules(rename) -> tuple:
     """What transformers' convert_llama_weights_to_hf.py does to Meta's wq/wk: within each head,
     rows from interleaved rotary pairs to halves (view(heads, head_dim/2, 2, dim).transpose(1, 2))."""
@@ -223,7 +195,7 @@ def build_llama(work: Path, layout: str) -> Case:
     path = directory / "model.safetensors"
     if not path.exists():
         sparse.write_sparse_safetensors(path, specs)
-    rotary = rotary_rules(_template_meta_name) if layout == "meta" else ()
+    rotary = rotary_rules(meta_name) if layout == "meta" else ()
     rotated = {rule.target for rule in rotary}
     renames = tuple(Rule(k, (rename(k),), ()) for k in target.keys() if re.sub(r"\.\d+\.", ".{i}.", k, count=1) not in rotated)
     Mapping(renames + rotary).save(directory / "known.yaml")

@@ -272,3 +272,19 @@ def test_a_copy_error_other_than_unsupported_reaches_the_caller(tmp_path, monkey
     monkeypatch.setattr(writer_module.os, "copy_file_range", full, raising=False)
     with pytest.raises(OSError, match="No space"):
         convert_fused(source, tmp_path / "out")
+
+
+def test_where_a_file_cannot_be_mapped_its_arrays_are_read_into_memory_alike(tmp_path, monkeypatch):
+    """A filesystem without mmap: npz members and torch storages are read with exact preads."""
+    rng = np.random.default_rng(3)
+    arrays = {"a": rng.standard_normal((7, 5)).astype(np.float32), "b": np.asfortranarray(rng.standard_normal((4, 6)))}
+    np.savez(tmp_path / "m.npz", **arrays)
+    state = {"w": torch.from_numpy(rng.standard_normal((6, 3)).astype(np.float32)), "t": torch.arange(12.0).reshape(3, 4).t()}
+    torch.save(state, tmp_path / "m.pt")
+    monkeypatch.setattr(MappedFile, "open", classmethod(lambda cls, path: None))
+    npz = open_tree(tmp_path / "m.npz")
+    for key, value in arrays.items():
+        assert np.array_equal(npz.read(key), value) and npz.read(key).flags.writeable, key
+    pt = open_tree(tmp_path / "m.pt")
+    for key, value in state.items():
+        assert np.array_equal(pt.read(key), value.numpy()), key

@@ -25,9 +25,9 @@ class ExactFile:
     read-ahead (``POSIX_FADV_RANDOM``), so reading headers never pulls in tensor data (a
     buffered ``open`` reads 8 KiB at a time; zipfile reads members 4 KiB at a time)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, headers_only: bool = True):
         self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        if hasattr(os, "posix_fadvise"):
+        if headers_only and hasattr(os, "posix_fadvise"):  # bulk data reads keep the kernel's read-ahead
             try:
                 os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
             except OSError:  # advice only
@@ -43,6 +43,15 @@ class ExactFile:
             parts.append(part)
             offset, length = offset + len(part), length - len(part)
         return b"".join(parts)
+
+    def read_into(self, offset: int, buffer: memoryview) -> None:
+        """Fill ``buffer`` with the bytes at ``offset`` (ValueError if the file ends first)."""
+        filled = 0
+        while filled < len(buffer):
+            got = os.preadv(self.fd, [buffer[filled:]], offset + filled)
+            if not got:
+                raise ValueError(f"truncated: {filled} of {len(buffer)} bytes")
+            filled += got
 
     def close(self) -> None:
         if self.fd >= 0:

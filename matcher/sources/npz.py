@@ -162,24 +162,14 @@ def _read_stored(path: Path, mapped: MappedFile | None, member: zipfile.ZipInfo,
         array = mapped.array(start + header_size, dtype, count, populate=True)  # the CRC reads it all
         data = memoryview(array.view(np.uint8))
     else:
-        with open(path, "rb", buffering=0) as handle:
-
-            def read(offset: int, length: int) -> bytes:
-                handle.seek(offset)
-                return handle.read(length)
-
-            start = _member_data(read, member)
-            header = read(start, header_size)
+        with ExactFile(path, headers_only=False) as handle:
+            start = _member_data(handle.read, member)
+            header = handle.read(start, header_size)
             if len(header) != header_size:
                 raise ValueError("member ends inside the .npy header")
             array = np.empty(count, dtype=dtype)
             data = memoryview(array.view(np.uint8))
-            filled = 0
-            while filled < len(data):
-                got = handle.readinto(data[filled:])
-                if not got:
-                    raise ValueError(f"truncated: {filled} of {len(data)} data bytes")
-                filled += got
+            handle.read_into(start + header_size, data)
     if zlib.crc32(data, zlib.crc32(header)) != member.CRC:
         raise ValueError(f"Bad CRC-32 for file {member.filename!r}")
     array = array.reshape(stored_shape)

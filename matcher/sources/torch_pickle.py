@@ -45,7 +45,7 @@ import numpy as np
 from ..errors import SourceError
 from ..tree import ParamTree, TensorSpec, dtype_name
 from . import register
-from .checks import open_checked_zip, reason, short
+from .checks import ExactFile, open_checked_zip, reason, short
 from .mapped import MappedFile
 
 CONTAINERS = ("state_dict", "model_state_dict", "model", "module", "params", "weights")
@@ -442,15 +442,8 @@ def _read_from_file(path: Path, mapped: MappedFile | None, tensor: Any) -> np.nd
         buffer = mapped.array(offset, dtype, count)
     else:
         buffer = np.empty(count, dtype)
-        view = memoryview(buffer.view(np.uint8))
-        with open(path, "rb", buffering=0) as handle:
-            handle.seek(offset)
-            filled = 0
-            while filled < len(view):
-                got = handle.readinto(view[filled:])
-                if not got:
-                    raise ValueError(f"truncated: {filled} of {len(view)} bytes")
-                filled += got
+        with ExactFile(path, headers_only=False) as handle:
+            handle.read_into(offset, memoryview(buffer.view(np.uint8)))
     if count == tensor.numel() and tensor.is_contiguous():
         return buffer.reshape(shape)
     return np.lib.stride_tricks.as_strided(buffer, shape, tuple(stride * itemsize for stride in strides), writeable=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from matcher.mapping import Mapping, Rule
 from matcher.ops import OPS, apply_chain
 from matcher.solve import MatchReport
 from matcher.sources import open_tree
+from matcher.tree import ParamTree
 from tests.fixtures import make_chinese_clip, make_clip, make_clipseg, make_owlvit, make_siglip, make_vit
 
 KNOWN = Path(__file__).resolve().parents[1] / "known_mappings"
@@ -335,9 +337,10 @@ def registered(snippet: str, class_name: str):
     namespace["register"]()
     try:
         yield namespace
-    finally:  # transformers has no unregister: drop the entry from its registry
-        conversion_mapping._checkpoint_conversion_mapping_cache.pop(class_name, None)
-        conversion_mapping.USER_REGISTERED_MAPPINGS.discard(class_name)
+    finally:  # transformers has no unregister: drop the entries from its registry
+        for name in [class_name, *namespace.get("INNER_MODELS", ())]:
+            conversion_mapping._checkpoint_conversion_mapping_cache.pop(name, None)
+            conversion_mapping.USER_REGISTERED_MAPPINGS.discard(name)
 
 
 def original_tensors_directory(family: Family, directory: Path) -> Path:
@@ -393,6 +396,155 @@ def test_what_transformers_cannot_express_is_named_in_the_snippet():
         "# NOT EXPRESSED: transformers has no loading op for select(axis=0, index={i}) (scanned.{i}.w)",
         "# NOT EXPRESSED: stages.{i}.blocks.{j}.y: a templated converter needs a block its index sits in",
     ]
+
+
+# ---------------------------------------------------------------------------- transformers: mixture of experts
+
+MOE_CASES = {  # target class, hub spelling of the expert matrices, linear matrices stored (in, out) as `kernel`
+    "mixtral": ("MixtralForCausalLM", "mixtral", False),
+    "mixtral-kernels": ("MixtralForCausalLM", "mixtral", True),  # each expert transposed before the stacks
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen", False),
+}
+
+
+@dataclass
+class MoeCase:
+    target_class: str
+    hub: Path  # the per-expert checkpoint, as the hub stores it
+    original: Path  # its tensors as model.safetensors beside the target's config.json
+    saved: Path  # `match --save`
+    snippet: str  # `match --emit transformers`
+
+
+@pytest.fixture(scope="module")
+def moe_cases(tmp_path_factory) -> dict[str, MoeCase]:
+    """For each case a tiny per-expert checkpoint of random values (2 layers x 4 experts), converted
+    by the CLI with --save and --emit transformers in one run."""
+    from tests.test_moe import _as_kernels, _hub_layout, _mixtral_config, _qwen3_config
+
+    from matcher.targets import build_target
+
+    configs = {"MixtralForCausalLM": _mixtral_config, "Qwen3MoeForCausalLM": _qwen3_config}
+    found = {}
+    for seed, (name, (target_class, style, kernels)) in enumerate(MOE_CASES.items()):
+        root = tmp_path_factory.mktemp(name)
+        config = configs[target_class]()
+        shapes = _hub_layout(build_target(target_class, config).tree, style)
+        if kernels:
+            shapes = _as_kernels(shapes)
+        rng = np.random.default_rng(seed)
+        arrays = {key: (0.3 * rng.standard_normal(spec.shape)).astype(np.float32) for key, spec in shapes.specs.items()}
+        (root / "original").mkdir()
+        save_file(arrays, str(root / "original" / "model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(root / "original")
+        emitted = root / "conversions.py"
+        result = invoke(root / "original" / "model.safetensors", "--target", target_class, "--config", root / "original" / "config.json",
+                        "--save", root / "saved", "--emit", "transformers", "--emit-out", emitted, "--yes")
+        assert result.exit_code == 0, result.output
+        found[name] = MoeCase(target_class, root / "original" / "model.safetensors", root / "original", root / "saved", emitted.read_text())
+    return found
+
+
+@pytest.mark.parametrize("case", MOE_CASES)
+def test_the_transformers_snippet_stacks_per_expert_tensors_as_match_save_does(case, moe_cases):
+    """gate and up of every expert become MergeModulelist(dim=0), Concatenate(dim=1), as in
+    transformers' own conversion_mapping.py, down MergeModulelist(dim=0); loaded through
+    from_pretrained, every parameter equals the one `match --save` wrote, bit for bit, and every
+    converted key was taken by one of the snippet's own converters (not by transformers' built-in
+    mixtral/qwen2_moe conversions, which would otherwise load the plain hub layout by themselves)."""
+    import torch
+    import transformers
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    case = moe_cases[case]
+    snippet = case.snippet
+    assert "# NOT EXPRESSED" not in snippet and "# CHECK" not in snippet and "# MISSING" not in snippet
+    assert re.search(r'"mlp\.experts\.gate_up_proj",\n +operations=\[(Permute\(1, 0\), )?MergeModulelist\(dim=0\), Concatenate\(dim=1\)\]', snippet)
+    assert snippet.count("MergeModulelist(dim=0)],") == 1  # down_proj
+    model_class = getattr(transformers, case.target_class)
+    transformers.logging.set_verbosity_error()
+    with registered(snippet, case.target_class) as namespace:
+        loaded, info = model_class.from_pretrained(case.original, output_loading_info=True)
+        ours = {id(t): t for t in namespace["CONVERSIONS"] if isinstance(t, WeightConverter)}
+        used = get_model_conversion_mapping(loaded)
+        renamings = [t for t in used if not isinstance(t, WeightConverter)]
+        converters = [t for t in used if isinstance(t, WeightConverter)]
+        patterns = {p for t in ours.values() for p in t.source_patterns}
+        taken = {key: rename_source_key(key, renamings, converters)[1] for key in load_file(str(case.hub))}
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    experts = [key for key in taken if ".experts." in key]
+    assert experts and all(taken[key] in patterns for key in experts), [(k, taken[k]) for k in experts if taken[k] not in patterns][:3]
+    saved = model_class.from_pretrained(case.saved).state_dict()
+    state = loaded.state_dict()
+    assert sorted(state) == sorted(saved)
+    assert [key for key in saved if state[key].dtype != saved[key].dtype or not torch.equal(state[key], saved[key])] == []
+    assert any(key.endswith("experts.gate_up_proj") for key in saved)
+
+
+def test_the_mixtral_snippet_turns_off_the_builtin_conversions_that_would_take_its_keys(moe_cases):
+    """transformers applies MixtralModel's own conversions (model type mixtral) inside
+    MixtralForCausalLM after the registered ones; its `.block_sparse_moe. -> .mlp.` renaming runs
+    before any converter, so the snippet's expert converters would never see their keys. Qwen3Moe's
+    own converters come after the snippet's and never get a key: nothing is turned off there."""
+    assert 'INNER_MODELS = ["MixtralModel"]' in moe_cases["mixtral"].snippet
+    assert "INNER_MODELS" not in moe_cases["qwen3_moe"].snippet
+    kernels = moe_cases["mixtral-kernels"].snippet
+    assert 'INNER_MODELS = ["MixtralModel"]' in kernels and "operations=[Permute(1, 0), MergeModulelist(dim=0), Concatenate(dim=1)]" in kernels
+
+
+SPELLINGS = {  # a stack over the instances of gate and up, [gate_0..gate_E-1, up_0..up_E-1], (I, D) each
+    # (2E, I, D) -> (2, E, I, D) -> (E, 2, I, D) -> (E, 2I, D): what the matcher infers
+    "matcher's": ("[Stack(0), SplitAxis(0, (2, -1)), Transpose((1, 0, 2, 3)), MergeAxes(1, 2)]", "MergeModulelist(dim=0), Concatenate(dim=1)"),
+    # (I, 2E, D) -> (I, 2, E, D) -> (E, 2, I, D) -> (E, 2I, D): the same function
+    "stack on axis 1": ("[Stack(1), SplitAxis(1, (2, -1)), Transpose((2, 1, 0, 3)), MergeAxes(1, 2)]", "MergeModulelist(dim=0), Concatenate(dim=1)"),
+    # (D, I, 2E) -> (2E, I, D) -> ...: the instances transposed one by one first, as kernels (in, out) are
+    "kernels": ("[Transpose((1, 0)), Stack(0), SplitAxis(0, (2, -1)), Transpose((1, 0, 2, 3)), MergeAxes(1, 2)]",
+                "Permute(1, 0), MergeModulelist(dim=0), Concatenate(dim=1)"),
+    # (E, 2, I, D) -> (E, 2I, D) -> (2I, E, D): an expert axis that is not first still concatenates
+    "experts second": ("[Stack(0), SplitAxis(0, (2, -1)), Transpose((1, 0, 2, 3)), MergeAxes(1, 2), Transpose((1, 0, 2))]",
+                       "MergeModulelist(dim=1), Concatenate(dim=0)"),
+    # (2E, I, D) -> (2, E, I, D) -> (E, I, 2, D) -> (E, 2I, D): rows of gate and up alternate in each expert;
+    # no stack-then-join is that, but the stack of both lists is the join of their stacks on the same axis
+    "interleaved": ("[Stack(0), SplitAxis(0, (2, -1)), Transpose((1, 2, 0, 3)), MergeAxes(1, 2)]",
+                    "MergeModulelist(dim=0), Concatenate(dim=0), SplitAxis(0, [2, -1]), Permute(1, 2, 0, 3), MergeAxes(1, 2)"),
+}
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+@pytest.mark.parametrize("shapes", ["probes", "the checkpoint's"])
+def test_a_stack_of_several_gathered_sources_is_judged_by_what_it_computes(spelling, shapes):
+    """The converter's ops are chosen by what the rule computes, not by how it is spelled; run by
+    transformers' own WeightConverter on torch tensors, they give what matcher's ops give, for the
+    checkpoint's 5 experts (a report) and for the probes' counts (a plain mapping, no shapes)."""
+    import torch
+    from transformers.core_model_loading import WeightConverter
+
+    from matcher.ops import MergeAxes, SplitAxis, Stack, Transpose  # noqa: F401 (the spellings name them)
+
+    written, expected = SPELLINGS[spelling]
+    sources = ("layers.{i}.experts.{e}.w1", "layers.{i}.experts.{e}.w3")
+    mapping = Mapping((Rule("layers.{i}.experts.gate_up_proj", sources, tuple(eval(written))),))
+    kernels = spelling == "kernels"
+    rng = np.random.default_rng(0)
+    arrays = {f"layers.{i}.experts.{e}.{w}": rng.standard_normal((4, 3) if kernels else (3, 4)).astype(np.float32)
+              for i in range(2) for e in range(5) for w in ("w1", "w3")}
+    if shapes == "probes":
+        text = emit(mapping, "transformers")
+    else:
+        text = emit(MatchReport(mapping, [], [], [], [], {}, source=ParamTree.from_arrays(arrays)), "transformers")
+    assert "# NOT EXPRESSED" not in text and "# CHECK" not in text
+    assert f"operations=[{expected}]" in text
+    namespace: dict = {}
+    exec(compile(text, "<snippet>", "exec"), namespace)
+    (converter,) = [t for t in namespace["CONVERSIONS"] if isinstance(t, WeightConverter)]
+    collected = {pattern: [torch.from_numpy(arrays[f"layers.0.experts.{e}.{w}"]) for e in range(5)]
+                 for pattern, w in zip(converter.source_patterns, ("w1", "w3"))}
+    for op in converter.operations:
+        collected = op.convert(collected, source_patterns=converter.source_patterns, target_patterns=converter.target_patterns)
+    (got,) = collected.values()
+    want = apply_chain(mapping.rules[0].ops, [arrays[f"layers.0.experts.{e}.{w}"] for w in ("w1", "w3") for e in range(5)])
+    assert got.shape == want.shape and np.array_equal(got.numpy(), want)
 
 
 # ---------------------------------------------------------------------------- the CLI

@@ -14,11 +14,24 @@ How a mapping becomes transforms:
 - ops: the parts of a fused tensor are one converter with ``Chunk`` (or ``Split`` for unequal
   parts), several sources one with ``Concatenate``, a gathered stack ``MergeModulelist``, a swap
   of two axes ``Transpose``; reshapes, squeezes and other permutations, which transformers has
-  no op for, are small ``ConversionOps`` subclasses defined in the snippet.
+  no op for, are small ``ConversionOps`` subclasses defined in the snippet;
+- a stack over the instances of several gathered sources (gate and up of every expert:
+  ``stack 0 | split_axis(0, [2, -1]) | transpose [1, 0, 2, 3] | merge_axes(1, 2)``) is written as
+  transformers writes it, ``MergeModulelist(dim=d), Concatenate(dim=c)`` (each source's instances
+  stacked, then the sources joined), then whatever ops remain. Which ``d`` and ``c``, and how many
+  of the ops after the stack they stand for, is decided by running both on probe arrays of distinct
+  values (the checkpoint's ranks and instance count when the report has its shapes), not by reading
+  the ops' spelling; ``d = c =`` the stack's axis with no op replaced is always right.
 
 The key renaming is simulated here with transformers' matching rules on one instance of every
 rule; anything that would not land where the mapping says is listed in the snippet's header,
 as is every rule transformers' machinery cannot express (a ``select`` from a scanned stack).
+The simulation includes what from_pretrained adds after the registered list: the conversions
+transformers has for the target's sub-models (looked up by their class name or model type, so
+registering for ``MixtralForCausalLM`` still lets ``MixtralModel``'s ``mixtral`` conversions run
+inside it, and their ``.block_sparse_moe. -> .mlp.`` renaming runs before any converter) and its
+legacy renamings, as transformers' own objects. When the sub-models' conversions would take keys
+from the snippet's, ``register()`` also registers an empty list for those sub-model classes.
 """
 
 from __future__ import annotations
@@ -26,9 +39,15 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from math import prod
 
+import numpy as np
+
+from ..errors import MatcherError
 from ..mapping import Rule
+from ..ops import apply_chain
 from ..patterns import template
+from ..tree import ParamTree
 from . import Subject, register
 from .text import PLACEHOLDER, SEPARATORS, indented, python_string, raw_string, segment_end
 from .transformers_ops import CUSTOM_NEEDS, CUSTOM_OPS, PER_TENSOR, SCOPED
@@ -59,8 +78,9 @@ def _split_key(rule: Rule) -> tuple | None:
     return (rule.sources[0], json.dumps([op.to_dict() for op in rule.ops[:position]]), chunk.axis, chunk.parts, chunk.sizes)
 
 
-def items_of(rules) -> list[Item]:
-    """Rules as transforms: the chunk rules of one fused tensor together, ordered by part."""
+def items_of(rules, source: ParamTree | None = None) -> list[Item]:
+    """Rules as transforms: the chunk rules of one fused tensor together, ordered by part.
+    ``source`` (the checkpoint's shapes, when known) sizes the probes of gathered stacks."""
     splits: dict[tuple, list[Rule]] = {}
     for rule in rules:
         key = _split_key(rule)
@@ -70,7 +90,7 @@ def items_of(rules) -> list[Item]:
     for rule in rules:
         key = _split_key(rule)
         if key is None:
-            items.append(_single(rule))
+            items.append(_single(rule, source))
         elif key not in done:
             done.add(key)
             items.append(_split(splits[key]))
@@ -105,7 +125,7 @@ def _add_unary(item: Item, ops, single: bool) -> None:
             item.custom.add(custom)
 
 
-def _single(rule: Rule) -> Item:
+def _single(rule: Rule, source: ParamTree | None = None) -> Item:
     item = Item([rule], rule.sources, (rule.target,))
     position = next((k for k, op in enumerate(rule.ops) if op.combines), None)
     if position is None:
@@ -113,13 +133,18 @@ def _single(rule: Rule) -> Item:
         return item
     combine = rule.ops[position]
     _add_unary(item, rule.ops[:position], single=False)
+    post = rule.ops[position + 1 :]
     if combine.name == "concat":
         item.operations.append(f"Concatenate(dim={combine.axis})")
     elif combine.name == "stack" and len(rule.sources) == 1 and rule.gathered:
         item.operations.append(f"MergeModulelist(dim={combine.axis})")
+    elif combine.name == "stack" and len(rule.gathered) == 1 and all(rule.gathered[0] in template(s).variables for s in rule.sources):
+        stack_axis, concat_axis, used = _stacks_then_concatenation(rule, position, source)
+        item.operations += [f"MergeModulelist(dim={stack_axis})", f"Concatenate(dim={concat_axis})"]
+        post = post[used:]
     else:
-        item.problem = f"transformers stacks only the instances of one gathered source ({rule.target})"
-    _add_unary(item, rule.ops[position + 1 :], single=True)
+        item.problem = f"transformers stacks only the instances of gathered sources ({rule.target})"
+    _add_unary(item, post, single=True)
     return item
 
 
@@ -145,6 +170,86 @@ def _split(members: list[Rule]) -> Item:
         item.operations.append(f"Split(dim={chunk.axis})")
     _add_unary(item, members[0].ops[position + 1 :], single=len(members) == 1)
     return item
+
+
+# ---------------------------------------------------------------------------- gathered stacks of several sources
+
+PROBE_SIZES = (3, 5, 2, 7, 4, 6)  # instance axes of a probe, when the checkpoint's are too large or unknown
+PROBE_COUNTS = (3, 4)  # instances per source, when the checkpoint's count is unknown
+PROBE_LIMIT = 1 << 18  # elements of all probe instances together, above which the real sizes are not used
+
+
+def _probe_layouts(rule: Rule, source: ParamTree | None) -> list[tuple[tuple[int, ...], int]]:
+    """(instance shape, instances per source) to run a gathered rule on: the checkpoint's own (sizes
+    replaced by small ones when the tensors are large), else every rank up to 4 and two counts."""
+    (variable,) = rule.gathered
+    if source is not None:
+        shapes, counts = set(), set()
+        for text in rule.sources:
+            pattern = template(text)
+            groups: dict[tuple, list[str]] = {}
+            for key in source.keys():
+                found = pattern.match(key)
+                if found is not None:
+                    groups.setdefault(tuple(v for k, v in sorted(found.items()) if k != variable), []).append(key)
+            if groups:
+                first = groups[min(groups)]
+                counts.add(len(first))
+                shapes.add(tuple(source[first[0]].shape))
+        if len(shapes) == 1 and len(counts) == 1:
+            (shape,), (count,) = shapes, counts
+            if prod(shape) * count * len(rule.sources) > PROBE_LIMIT:
+                shape = tuple(PROBE_SIZES[k % len(PROBE_SIZES)] for k in range(len(shape)))
+            return [(tuple(shape), count)]
+    return [(PROBE_SIZES[:rank], count) for rank in range(1, 5) for count in PROBE_COUNTS]
+
+
+def _equivalent_splits(rule: Rule, position: int, shape: tuple[int, ...], count: int) -> set[tuple[int, int, int]] | None:
+    """Every (ops after the stack used, stack axis, concat axis) for which stacking each source's
+    instances on the stack axis, concatenating the sources on the concat axis and running the
+    remaining ops gives what the rule gives, on one probe; both spellings of each axis (k and
+    k - ndim). None if the rule does not run on this probe."""
+    n = len(rule.sources)
+    size = prod(shape)
+    instances = [np.arange(k * size, (k + 1) * size, dtype=np.int64).reshape(shape) for k in range(n * count)]
+    try:
+        want = np.asarray(apply_chain(rule.ops, instances))
+        pre = [np.asarray(apply_chain(rule.ops[:position], [x])) for x in instances]
+    except (MatcherError, ValueError, IndexError, TypeError):
+        return None
+    ndim = pre[0].ndim + 1  # after the stack
+    post = rule.ops[position + 1 :]
+    found = set()
+    for stack_axis in range(ndim):
+        stacked = [np.stack(pre[j * count : (j + 1) * count], axis=stack_axis) for j in range(n)]
+        for concat_axis in range(ndim):
+            joined = np.concatenate(stacked, axis=concat_axis)
+            for used in range(len(post) + 1):
+                try:
+                    got = np.asarray(apply_chain(post[used:], [joined]))
+                except (MatcherError, ValueError, IndexError, TypeError):
+                    continue
+                if got.shape == want.shape and np.array_equal(got, want):
+                    found |= {(used, s, c) for s in (stack_axis, stack_axis - ndim) for c in (concat_axis, concat_axis - ndim)}
+    return found
+
+
+def _stacks_then_concatenation(rule: Rule, position: int, source: ParamTree | None) -> tuple[int, int, int]:
+    """(stack axis, concat axis, ops after the stack they stand for) such that transformers'
+    ``MergeModulelist(dim=stack axis), Concatenate(dim=concat axis)`` followed by the rest of the
+    rule's ops computes the rule on every probe the rule runs on: the most ops replaced, then axes
+    counted from the front. Stacking each source's instances and joining the stacks on the same axis
+    is the rule's own stack (its instances come source by source), so (axis, axis, 0) always holds."""
+    axis = rule.ops[position].axis
+    agreed = None
+    for shape, count in _probe_layouts(rule, source):
+        found = _equivalent_splits(rule, position, shape, count)
+        if found is not None:
+            agreed = found if agreed is None else agreed & found
+    if not agreed:  # no probe ran (a size the probes do not have): the identity
+        return axis, axis, 0
+    used, stack_axis, concat_axis = min(agreed, key=lambda c: (-c[0], c[1] < 0, c[2] < 0, abs(c[1]), abs(c[2])))
+    return stack_axis, concat_axis, used
 
 
 # ---------------------------------------------------------------------------- names: blocks and leaves
@@ -258,13 +363,21 @@ def _apply(transform: Transform, key: str) -> str | None:
     return prefix + rest.replace(match.group(0), replacement, 1)
 
 
-def _land(key: str, renamings: list[Transform], converters: list[Transform]) -> tuple[str, Transform | None]:
+def _land(key: str, renamings: list[Transform], converters: list[Transform], builtin: "Builtin") -> tuple[str, object | None]:
+    """Where transformers puts ``key`` (rename_source_key): every renaming in turn, the snippet's
+    first, then the first converter that matches; transformers' own transforms are its real objects."""
     for renaming in renamings:
         key = _apply(renaming, key) or key
+    for transform in builtin.renamings:
+        key, _ = transform.rename_source_key(key)
     for converter in converters:
         renamed = _apply(converter, key)
         if renamed is not None:
             return renamed, converter
+    for transform in builtin.converters:
+        renamed, pattern = transform.rename_source_key(key)
+        if pattern is not None:
+            return renamed, transform
     return key, None
 
 
@@ -273,8 +386,9 @@ def _instance(text: str, layer_variables, gathered_index: int) -> str:
     return PLACEHOLDER.sub(lambda m: "1" if m.group(1) in layer_variables else str(gathered_index), text)
 
 
-def _checks(transforms: list[Transform]) -> list[str]:
-    """Where transformers would load one instance of each rule's sources, when that is not the rule's target."""
+def _checks(transforms: list[Transform], builtin: "Builtin") -> list[str]:
+    """Where transformers would load one instance of each rule's sources, when that is not the rule's target
+    (or a transform other than the rule's own, such as one of transformers' own conversions, would load it)."""
     renamings = [t for t in transforms if not t.converts and not t.implied]
     converters = [t for t in transforms if t.converts]
     problems = []
@@ -288,7 +402,7 @@ def _checks(transforms: list[Transform]) -> list[str]:
             gathers = set(template(source).variables) - layer
             for index in (0, 1) if gathers else (0,):
                 key = _instance(source, layer, index)
-                landed, by = _land(key, renamings, converters)
+                landed, by = _land(key, renamings, converters, builtin)
                 if landed != expected or by is not (transform if transform.converts else None):
                     problems.append(f"{key} would load as {landed}, not {expected}")
     seen: dict[str, Transform] = {}
@@ -330,21 +444,99 @@ def _transforms(items: list[Item]) -> tuple[list[Transform], list[tuple[Block, l
     return outside, list(blocks.items())
 
 
-def _ordered(outside: list[Transform], blocks: list[tuple[Block, list[Transform]]]) -> tuple[list[Transform], list[str]]:
+def _ordered(outside: list[Transform], blocks: list[tuple[Block, list[Transform]]], builtin: "Builtin") -> tuple[list[Transform], list[str]]:
     """All transforms in the mapping's order, unless that lets a short leaf take a longer leaf's key
     (a converter's key goes to the first that matches): then longer leaves first."""
     def flat(blocks):
         return outside + [t for block, members in blocks for t in [_prefix_renaming(block), *members]]
 
     transforms = flat(blocks)
-    checks = _checks(transforms)
+    checks = _checks(transforms, builtin)
     if checks:
         longest_first = [(block, sorted(members, key=lambda t: -max(len(s) for s in t.sources))) for block, members in blocks]
-        if len(_checks(flat(longest_first))) < len(checks):
+        if len(_checks(flat(longest_first), builtin)) < len(checks):
             blocks[:] = longest_first
             transforms = flat(blocks)
-            checks = _checks(transforms)
+            checks = _checks(transforms, builtin)
     return transforms, checks
+
+
+# ---------------------------------------------------------------------------- transformers' own conversions
+
+
+@dataclass
+class Builtin:
+    """transformers' own transforms that from_pretrained applies after the registered CONVERSIONS:
+    those of the target's sub-models (found by their class name or model type, e.g. MixtralModel's
+    ``.block_sparse_moe. -> .mlp.`` inside MixtralForCausalLM) and the legacy renamings."""
+
+    inner: list = field(default_factory=list)  # the sub-models' transforms (real objects)
+    legacy: list = field(default_factory=list)
+    inner_models: list[str] = field(default_factory=list)  # the sub-models' class names
+
+    @property
+    def transforms(self) -> list:
+        return self.inner + self.legacy
+
+    @property
+    def renamings(self) -> list:
+        from transformers.core_model_loading import WeightConverter
+
+        return [t for t in self.transforms if not isinstance(t, WeightConverter)]
+
+    @property
+    def converters(self) -> list:
+        from transformers.core_model_loading import WeightConverter
+
+        return [t for t in self.transforms if isinstance(t, WeightConverter)]
+
+    def without_inner(self) -> "Builtin":
+        return Builtin([], self.legacy, [])
+
+
+def builtin_conversions(target_class: str | None, config) -> Builtin:
+    """What transformers would add to CONVERSIONS registered for ``target_class``: the class is built
+    on the meta device (from ``config``, else its default config) and transformers' own
+    ``get_model_conversion_mapping`` is asked, with an empty list standing in for CONVERSIONS."""
+    if not target_class:
+        return Builtin()
+    try:
+        import torch
+
+        from ..targets import import_transformers
+
+        transformers = import_transformers()
+        from transformers import PreTrainedModel, conversion_mapping
+
+        model_class = getattr(transformers, target_class)
+        with torch.device("meta"):
+            model = model_class(config if config is not None else model_class.config_class())
+    except Exception:  # no such class, or a config it cannot be built from: nothing known to add
+        return Builtin()
+    conversion_mapping.get_checkpoint_conversion_mapping(target_class)  # builds the registry
+    registry = conversion_mapping._checkpoint_conversion_mapping_cache
+    missing = object()
+    before, registered = registry.get(target_class, missing), target_class in conversion_mapping.USER_REGISTERED_MAPPINGS
+    registry[target_class] = []
+    try:
+        inner = conversion_mapping.get_model_conversion_mapping(model, add_legacy=False)
+    except Exception:  # transformers' own lookup failing: nothing known to add
+        inner = []
+    finally:
+        if before is missing:
+            registry.pop(target_class, None)
+        else:
+            registry[target_class] = before
+        if not registered:
+            conversion_mapping.USER_REGISTERED_MAPPINGS.discard(target_class)
+    legacy = conversion_mapping.get_checkpoint_conversion_mapping("legacy") or []
+    names = []
+    for name, module in model.named_modules():
+        if name and isinstance(module, PreTrainedModel) and type(module).__name__ not in names:
+            lookup = conversion_mapping.get_checkpoint_conversion_mapping
+            if lookup(type(module).__name__) is not None or lookup(module.config.model_type) is not None:
+                names.append(type(module).__name__)
+    return Builtin(inner, legacy, names)
 
 
 def _prefix_renaming(block: Block) -> Transform:
@@ -354,9 +546,16 @@ def _prefix_renaming(block: Block) -> Transform:
 
 @register("transformers")
 def emit_transformers(subject: Subject) -> str:
-    items = items_of(subject.mapping.rules)
+    items = items_of(subject.mapping.rules, subject.source)
     outside, blocks = _transforms(items)
-    transforms, checks = _ordered(outside, blocks)
+    builtin = builtin_conversions(subject.target_class, subject.config)
+    silenced: list[str] = []
+    transforms, checks = _ordered(outside, blocks, builtin)
+    if checks and builtin.inner:  # transformers' conversions for the sub-models get in the way: turn them off
+        alone = builtin.without_inner()
+        transforms_alone, checks_alone = _ordered(outside, blocks, alone)
+        if len(checks_alone) < len(checks):
+            transforms, checks, silenced = transforms_alone, checks_alone, builtin.inner_models
     problems = [item.problem for item in items if item.problem]
     custom = set().union(*(item.custom for item in items if not item.problem))
     for name in list(custom):
@@ -405,11 +604,24 @@ def emit_transformers(subject: Subject) -> str:
             lines += indented([t.text() for t in written], INDENT * 2)
             lines.append(f"{INDENT}]),")
     lines.append("]")
+    if silenced:
+        lines += [
+            "",
+            f"# transformers would also apply its own conversions for {', '.join(silenced)} inside {target}, after",
+            "# CONVERSIONS, and they would take some of these keys first; register() turns them off (also when",
+            f"# {', '.join(silenced)} is loaded on its own, in this process).",
+            f"INNER_MODELS = [{', '.join(python_string(n) for n in silenced)}]",
+        ]
     lines += [
         "",
         "",
         "def register(overwrite=True):",
-        f'{INDENT}"""Make {target}.from_pretrained apply CONVERSIONS."""',
+        f'{INDENT}"""Make {target}.from_pretrained apply CONVERSIONS' + (' and nothing else of its own."""' if silenced else '."""'),
         f"{INDENT}register_checkpoint_conversion_mapping({python_string(target)}, CONVERSIONS, overwrite=overwrite)",
     ]
+    if silenced:
+        lines += [
+            f"{INDENT}for name in INNER_MODELS:",
+            f"{INDENT * 2}register_checkpoint_conversion_mapping(name, [], overwrite=overwrite)",
+        ]
     return "\n".join(lines) + "\n"

@@ -21,7 +21,12 @@ Nothing here knows a model family; the only names used are transformers-wide con
 2. **Read the source's structure**: repeated blocks (a numbered path segment whose sub-trees have
    identical shapes: ``encoderblock_{i}``, ``resblocks.{i}``), scanned stacks (a sub-tree whose
    tensors all share one leading axis), and shadows (a large sub-tree repeating other tensors'
-   paths and shapes: optimizer moments, an aliased sub-model), which are ignored.
+   paths and shapes: optimizer moments, an aliased sub-model), which are ignored. Inside a block,
+   repeated inner instances (the E experts of a MoE layer, ``experts.{e}.w1``) are also offered
+   gathered, one item of shape (E,) + leaf shape per leaf, for target blocks that stack instances
+   on a first axis (``experts.gate_up_proj`` (E, 2I, D)). Everything after this step works on one
+   block per stack, so its cost does not grow with layers x experts; this step is one pass over
+   the keys per numbered segment (a 66 x 256 MoE, 51 153 tensors, takes about a second).
 3. **Match shapes** (greedy, one block per stack on both sides): a target tensor is explained by
    a source tensor of the very same shape, of the same dims in another order (transposes,
    HWIO/OIHW, squeezed 1s), whose adjacent axes merge to it (flax ``(D, H, Dh)`` kernels), by a
@@ -45,12 +50,19 @@ Nothing here knows a model family; the only names used are transformers-wide con
    counts come from split attention kernels ``(D, H, Dh)`` when the source has them. Fields the
    weights cannot show (``layer_norm_eps``, ``hidden_act``, token ids...) are listed as
    ``default``; a free field whose default does not build with the inferred sizes (12 heads for
-   width 64) takes the nearest value that does.
+   width 64) takes the nearest value that does. Fields that only move together without changing
+   any shape (a GQA decoder's heads and kv heads: k_proj rows = kv x hidden / heads; Llama's
+   head_dim with both) are found by meta builds and listed as ``default`` together, at the
+   assignment nearest the class defaults, naming the alternatives that fit as well.
+
+The whole inference gives up after ``TIME_BUDGET`` seconds (checked before each meta build and
+each new scoring) with a one-line TargetError asking for ``--config``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import itertools
 import math
 import re
@@ -71,6 +83,7 @@ Score = tuple[int, int, float, int]
 INFERRED = "inferred"
 DEFAULT = "default"
 
+TIME_BUDGET = 30.0  # seconds infer_config may spend (probe included) before it gives up with a TargetError
 _ENUMERATE_UP_TO = 4096  # largest source number tried directly for a field no polynomial describes
 _BUDGET = 12  # a source tensor's capacity; a k-th of a fused tensor costs _BUDGET // k
 _CHUNKS = (2, 3, 4)
@@ -288,11 +301,12 @@ class _SourceIndex:
                 if taken:
                     break
 
-    def match(self, target: Iterable[tuple[str, Shape | None]], fused: dict[str, int] | None = None, ranks: dict[str, int] | None = None) -> "_Match":
+    def match(self, target: Iterable[tuple[str, Shape | None]], fused: dict[str, tuple[int, int]] | None = None, ranks: dict[str, int] | None = None) -> "_Match":
         """Greedy matching of target shapes to these source tensors (``ranks``: fixed target weights).
 
-        ``fused`` names target tensors stacked from k equal parts along their first axis (``in_proj``
-        = 3 x hidden): only those may be matched by k sibling source tensors together.
+        ``fused`` names target tensors stacked from k equal parts along one axis, ``key: (k, axis)``
+        (``in_proj`` = 3 x hidden on axis 0, a MoE's ``experts.gate_up_proj`` (E, 2 x I, D) on axis 1):
+        only those may be matched by k sibling source tensors together.
         """
         fused, ranks = fused or {}, ranks or {}
         budget = [_BUDGET] * len(self.shapes)
@@ -315,9 +329,9 @@ class _SourceIndex:
             if key in pairs or canon is None:
                 continue
             got = self._take(canon, 1, budget, state, owner=_family(key))
-            k = fused.get(key)
-            if got is None and k and shape[0] % k == 0:
-                got = self._take(_canon((shape[0] // k,) + tuple(shape[1:])), k, budget, state)
+            k, axis = fused.get(key, (0, 0))
+            if got is None and k and shape[axis] % k == 0:
+                got = self._take(_canon(tuple(shape[:axis]) + (shape[axis] // k,) + tuple(shape[axis + 1 :])), k, budget, state)
                 if got is not None:
                     got = (got[0], 2)
             if got is not None:
@@ -429,15 +443,24 @@ class _SourceGroup:
     keys: frozenset[str]
     block: list[tuple[str, Shape]]  # one block: (source key, shape without the stacked axis)
     scanned: bool = False
+    gathered: int = 0  # inner instances (experts) folded into one item per leaf, shape (E,) + leaf shape
 
     def describe(self) -> str:
+        inner = f", {self.gathered} inner instances gathered" if self.gathered else ""
         if self.scanned:
-            return f"{self.count} stacked blocks {self.template} (leading axis)"
-        return f"{self.count} repeated blocks {self.template}"
+            return f"{self.count} stacked blocks {self.template} (leading axis{inner})"
+        return f"{self.count} repeated blocks {self.template}" + (f" ({inner[2:]})" if inner else "")
 
 
-def _source_groups(specs: dict[str, Shape]) -> list[_SourceGroup]:
-    table: dict[str, dict[int, dict[str, tuple[str, Shape]]]] = defaultdict(lambda: defaultdict(dict))
+_Instances = dict[int, dict[str, tuple[str, Shape]]]  # index -> {tail: (key, shape)}
+
+
+def _repeated(specs: dict[str, Shape]) -> list[tuple[str, list[int], _Instances]]:
+    """Numbered path segments whose instances (contiguous from 0 or 1) hold the same tails and shapes.
+
+    One pass over the keys: each numbered segment files the key under its head and index.
+    """
+    table: dict[str, _Instances] = defaultdict(lambda: defaultdict(dict))
     for key, shape in specs.items():
         parts = _SEPARATORS.split(key)
         for j in range(0, len(parts), 2):
@@ -445,31 +468,82 @@ def _source_groups(specs: dict[str, Shape]) -> list[_SourceGroup]:
             if m:
                 head = "".join(parts[:j]) + m.group(1)
                 table[head][int(m.group(2))]["".join(parts[j + 1 :])] = (key, shape)
-    multi, single = [], []
+    out = []
     for head, blocks in table.items():
         indices = sorted(blocks)
-        if indices[0] not in (0, 1) or indices != list(range(indices[0], indices[0] + len(indices))):
+        if indices[0] not in (0, 1) or indices[-1] != indices[0] + len(indices) - 1:
             continue
-        first = {tail: shape for tail, (_, shape) in blocks[indices[0]].items()}
-        if any({tail: shape for tail, (_, shape) in blocks[i].items()} != first for i in indices[1:]):
+        first = blocks[indices[0]]
+        if any(len(blocks[i]) != len(first) for i in indices[1:]):
             continue
+        if any(tail not in other or other[tail][1] != shape for i in indices[1:] for other in (blocks[i],) for tail, (_, shape) in first.items()):
+            continue
+        out.append((head, indices, blocks))
+    return out
+
+
+def _outermost(found: list[tuple[str, list[int], _Instances]]) -> list[tuple[str, list[int], _Instances]]:
+    """Repeated groups of two or more instances, outermost first, sharing no key."""
+    multi = [g for g in found if len(g[1]) > 1]
+    multi.sort(key=lambda g: (-len(g[1]) * len(g[2][g[1][0]]), g[0]))
+    taken: set[str] = set()
+    chosen = []
+    for group in multi:
+        keys = [key for i in group[1] for key, _ in group[2][i].values()]
+        if taken.isdisjoint(keys):
+            taken.update(keys)
+            chosen.append(group)
+    return chosen
+
+
+def _source_groups(specs: dict[str, Shape]) -> list[_SourceGroup]:
+    found = _repeated(specs)
+    multi, single = [], []
+    for head, indices, blocks in found:
         keys = frozenset(key for i in indices for key, _ in blocks[i].values())
-        block = [blocks[indices[0]][tail] for tail in blocks[indices[0]]]
+        block = list(blocks[indices[0]].values())
         group = _SourceGroup(head + "{i}", len(indices), keys, block)
         (multi if len(indices) > 1 else single).append(group)
     scanned = _scanned_groups(specs)
     stacked = set().union(*(g.keys for g in scanned)) if scanned else set()
     chosen: list[_SourceGroup] = []
+    taken: set[str] = set()
     for group in sorted(multi, key=lambda g: (-len(g.keys), g.template)):  # outermost first
         if group.keys <= stacked:
             continue  # numbered parts inside a scanned block (LayerNorm_0, LayerNorm_1)
-        if all(group.keys.isdisjoint(other.keys) for other in chosen):
+        if taken.isdisjoint(group.keys):
+            taken |= group.keys
             chosen.append(group)
-    covered = set().union(*(g.keys for g in chosen)) if chosen else set()
+    covered = taken
     scanned = [g for g in scanned if g.keys.isdisjoint(covered)]
-    covered |= stacked
+    covered = covered | stacked
     singles = [g for g in single if not g.keys <= covered]
-    return chosen + singles + scanned
+    groups = chosen + singles + scanned
+    return groups + [g for g in map(_gathered, groups) if g is not None]
+
+
+def _gathered(group: _SourceGroup) -> _SourceGroup | None:
+    """The same blocks with their inner repeated instances (the experts of a MoE layer, E of them)
+    gathered: one item per leaf, ``experts.{e}.w1.weight`` of shape (E,) + the leaf's shape.
+
+    Kept beside the plain group: which of the two explains the target's block is for the
+    matching to say (``LayerNorm_0/1`` are two tensors, not a stack of two)."""
+    specs = dict(group.block)
+    if len(specs) < 2:
+        return None
+    inner = _outermost(_repeated(specs))
+    if not inner:
+        return None
+    folded: set[str] = set()
+    items: list[tuple[str, Shape]] = []
+    count = 0
+    for head, indices, blocks in inner:
+        count = max(count, len(indices))
+        for tail, (_, shape) in blocks[indices[0]].items():
+            items.append((f"{head}{{e}}{tail}", (len(indices),) + tuple(shape)))
+        folded.update(key for i in indices for key, _ in blocks[i].values())
+    block = [(k, s) for k, s in group.block if k not in folded] + items
+    return _SourceGroup(group.template, group.count, group.keys, block, group.scanned, gathered=count)
 
 
 def _shadows(specs: dict[str, Shape]) -> set[str]:
@@ -478,22 +552,42 @@ def _shadows(specs: dict[str, Shape]) -> set[str]:
     A sub-tree S is a shadow when every tensor under it (at least 4, and an eighth of the file)
     has the path and shape of a tensor elsewhere with a shorter path, maybe with one extra trailing
     name: ``optimizer/state/param_states/<path>/grad_ema`` repeats ``optimizer/target/<path>``.
+
+    Only sub-trees big enough to be a shadow are looked at (at most eight per depth), so the cost
+    is the number of tensors times the depth, however many layers and experts repeat the same
+    short relative paths (``experts.{e}.w1.weight``).
     """
-    segments = {k: _SEPARATORS.split(k)[::2] for k in specs}
-    index: dict[tuple, set[tuple]] = defaultdict(set)
-    for key, segs in segments.items():
-        for a in range(len(segs)):
-            index[(tuple(segs[a:]), specs[key])].add(tuple(segs[:a]))
+    segments = {k: tuple(_SEPARATORS.split(k)[::2]) for k in specs}
     under: dict[tuple, int] = defaultdict(int)
     for segs in segments.values():
         for a in range(1, len(segs)):
-            under[tuple(segs[:a])] += 1
+            under[segs[:a]] += 1
+    least = max(4, len(specs) / 8)
+    roots = {root for root, n in under.items() if n >= least}
+    if not roots:
+        return set()
+    wanted: set[tuple] = set()  # the (relative path, shape) pairs a shadow candidate asks about
+    for key, segs in segments.items():
+        for a in range(1, len(segs) - 1):
+            if segs[:a] in roots:
+                for drop in (0, 1):
+                    rel = segs[a : len(segs) - drop]
+                    if len(rel) >= 2:
+                        wanted.add((rel, specs[key]))
+    index: dict[tuple, set[tuple]] = defaultdict(set)
+    for key, segs in segments.items():
+        for a in range(len(segs)):
+            probe_key = (segs[a:], specs[key])
+            if probe_key in wanted:
+                index[probe_key].add(segs[:a])
     hits: dict[tuple, set[str]] = defaultdict(set)
     for key, segs in segments.items():
         for a in range(1, len(segs) - 1):
-            root = tuple(segs[:a])
+            root = segs[:a]
+            if root not in roots:
+                continue
             for drop in (0, 1):
-                rel = tuple(segs[a : len(segs) - drop])
+                rel = segs[a : len(segs) - drop]
                 if len(rel) < 2:
                     continue
                 for other in index.get((rel, specs[key]), ()):
@@ -651,6 +745,8 @@ class _Probe:
         self._builds: dict[tuple, dict[str, Shape] | None] = {}
         self._configs: dict[tuple, Any] = {}
         self._shaped: dict[FieldPath, frozenset[str]] = {}
+        self._parents: dict[FieldPath, set[FieldPath]] = {}
+        self._instance_fields: set[FieldPath] | None = None
         self.build_count = 0
         started = time.perf_counter()
         with _quiet():
@@ -678,6 +774,7 @@ class _Probe:
         if key not in self._builds:
             import torch
 
+            _check_time()
             self.build_count += 1
             try:
                 config = self.make_config(values)
@@ -808,8 +905,10 @@ class _Probe:
                 if poly is not None:
                     self.forms[position] = poly
         self._find_dominant(points, probes)
-        self.fused = {key: int(form.coeffs[1]) for (key, axis), form in self.forms.items()
-                      if axis == 0 and len(form.coeffs) == 2 and form.coeffs[0] == 0 and form.coeffs[1] in _CHUNKS}
+        self.fused: dict[str, tuple[int, int]] = {}  # key: (k, axis) of a target stacked from k equal parts
+        for (key, axis), form in sorted(self.forms.items()):
+            if len(form.coeffs) == 2 and form.coeffs[0] == 0 and form.coeffs[1] in _CHUNKS:
+                self.fused.setdefault(key, (int(form.coeffs[1]), axis))
         self.shape_fields = sorted({p for deps in self.deps.values() for p in deps})
         self.positions: dict[FieldPath, list[tuple[str, int]]] = defaultdict(list)
         for position, deps in self.deps.items():
@@ -895,7 +994,7 @@ class _Probe:
         key = tuple(sorted((p, v) for p, v in {**self.base, **values}.items() if v is not None))
         return key in self._builds and self._builds[key] is not None
 
-    def fused_for(self, keys: Iterable[str]) -> dict[str, int]:
+    def fused_for(self, keys: Iterable[str]) -> dict[str, tuple[int, int]]:
         """``fused`` for keys of a full model (any block index, not only block 0)."""
         out = {}
         for key in keys:
@@ -915,6 +1014,33 @@ class _Probe:
         if path not in self._shaped:
             self._shaped[path] = frozenset(k for k, _ in self.positions.get(path, ()))
         return self._shaped[path]
+
+    def stacks_instances(self, keys: Iterable[str]) -> bool:
+        """Whether some tensor among ``keys`` stacks instances on its first axis: a 3-d or larger
+        tensor whose axis 0 is sized by a field that sizes nothing but first axes (a MoE layer's
+        ``experts.gate_up_proj`` (E, 2I, D), E = ``num_local_experts``). Only then may the source's
+        inner repeated instances (experts) be gathered to match it."""
+        if self._instance_fields is None:
+            self._instance_fields = {f for f, positions in self.positions.items() if all(axis == 0 for _, axis in positions)}
+        for key in keys:
+            deps = self.deps.get((key, 0), ())
+            if len(self.base_shapes.get(key, ())) >= 3 and len(deps) == 1 and next(iter(deps)) in self._instance_fields:
+                return True
+        return False
+
+    def parents(self, path: FieldPath) -> set[FieldPath]:
+        """Integer fields the config derives this field from when it is unset (head_dim from the head count)."""
+        if path not in self._parents:
+            base = self.effective({}, path)
+            found = set()
+            for other in self.ints:
+                if other == path or other in self.counts or other not in self.defaults or isinstance(self.defaults[other], bool):
+                    continue
+                d = self.defaults[other]
+                if isinstance(d, int) and d >= 1 and self.effective({other: 2 * d}, path) != base:
+                    found.add(other)
+            self._parents[path] = found
+        return self._parents[path]
 
     def effective(self, values: dict[FieldPath, Any], path: FieldPath) -> Any:
         """The field's value under ``values``; for an unset field, what the config derives (e.g. from hidden_size)."""
@@ -981,6 +1107,7 @@ class _Solver:
         """Fit of the target predicted under ``values`` to ``index`` (memoised)."""
         cache_key = (id(index), keys, tuple(sorted((p, v) for p, v in values.items() if v is not None)))
         if cache_key not in self._scores:
+            _check_time()
             result = index.match(self.p.predict(values, keys), self.p.fused, self.p.ranks)
             self._scores[cache_key] = (result.score, result)
         return self._scores[cache_key]
@@ -1126,8 +1253,9 @@ class _Solver:
             keys = self.block_keys(group)
             fields = sorted({p for k in keys for axis in range(len(self.p.base_shapes[k])) for p in self.p.deps.get((k, axis), ())} - set(self.p.counts))
             rows = []
+            stacked = self.p.stacks_instances(keys)
             for source in self.groups:
-                if not keys or not (len(keys) / 4 <= len(source.block) <= 4 * len(keys)):
+                if not keys or not (len(keys) / 4 <= len(source.block) <= 4 * len(keys)) or (source.gathered and not stacked):
                     continue
                 index = self.index(source.block)
                 values, _ = self.descend(fields, {}, keys, index)
@@ -1161,20 +1289,41 @@ def _shape_str(shape: Shape | None) -> str:
 # --------------------------------------------------------------------------- entry point
 
 
+_DEADLINE: contextvars.ContextVar[tuple[float, TargetError] | None] = contextvars.ContextVar("config_infer_deadline", default=None)
+
+
+def _check_time() -> None:
+    """Give up when the running inference has spent its TIME_BUDGET (checked before each meta
+    build and each new scoring of the source, so the overrun is at most one of those)."""
+    deadline = _DEADLINE.get()
+    if deadline is not None and time.perf_counter() >= deadline[0]:
+        raise deadline[1]
+
+
 def infer_config(model_class: type, source: ParamTree) -> InferredConfig:
-    """A config for ``model_class`` whose target shapes fit ``source`` (shapes only; no data read)."""
+    """A config for ``model_class`` whose target shapes fit ``source`` (shapes only; no data read).
+
+    Gives up with a one-line TargetError after ``TIME_BUDGET`` seconds."""
     started = time.perf_counter()
     if not source.specs:
         raise TargetError("cannot infer a config: the source holds no tensors", path=source.origin or None)
-    p = probe(model_class)
-    with _quiet():
-        result = _infer(p, source)
+    name = getattr(model_class, "__name__", repr(model_class))
+    error = TargetError(f"cannot infer a config for {name} from this checkpoint in {TIME_BUDGET:g} s; give --config", path=source.origin or None)
+    token = _DEADLINE.set((started + TIME_BUDGET, error))
+    try:
+        p = probe(model_class)
+        _check_time()
+        with _quiet():
+            result = _infer(p, source)
+    finally:
+        _DEADLINE.reset(token)
     result.seconds = time.perf_counter() - started
     return result
 
 
 def _infer(p: _Probe, source: ParamTree) -> InferredConfig:
     solver = _Solver(p, source)
+    _check_time()
 
     # phase 1: every target stack against every source stack
     ranked = solver.solve_blocks()
@@ -1261,8 +1410,9 @@ def _infer(p: _Probe, source: ParamTree) -> InferredConfig:
     for n, group in enumerate(p.groups):
         bkeys = solver.block_keys(group)
         rows = []
+        stacked = p.stacks_instances(bkeys)
         for source_group in solver.groups:
-            if not bkeys or not (len(bkeys) / 4 <= len(source_group.block) <= 4 * len(bkeys)):
+            if not bkeys or not (len(bkeys) / 4 <= len(source_group.block) <= 4 * len(bkeys)) or (source_group.gathered and not stacked):
                 continue
             result = _SourceIndex(source_group.block).match(p.predict(final, bkeys), fused=p.fused, ranks=p.ranks)
             if result.pairs and result.fit > 0:
@@ -1283,6 +1433,21 @@ def _infer(p: _Probe, source: ParamTree) -> InferredConfig:
         else:
             reports[path] = FieldInference(_fmt(path), None, DEFAULT, "layer count; no source stack of blocks fits the target's", True)
 
+    # fields the shapes fix only together (heads x head_dim, kv heads / heads): the defaults kept
+    tied: dict[FieldPath, list[dict[FieldPath, int]]] = {}
+    for states, chosen in _ties(p, final):
+        group = sorted({f for s in states for f in s if s[f] != states[0][f]})
+        if len(group) < 2:
+            continue  # one field alone: "the shapes allow any of" above says so already
+        others = sorted((s for s in states if s != chosen), key=lambda s: _distance(p, s))
+        shown = "; ".join(", ".join(f"{_fmt(f)}={s[f]}" for f in group) for s in others[:3])
+        names = ", ".join(_fmt(f) for f in group)
+        for f in group:
+            final[f] = chosen[f]
+            tied[f] = states
+            why = f"the shapes fix {names} only together; kept nearest the defaults ({shown} fit as well)"
+            reports[f] = FieldInference(_fmt(f), chosen[f], DEFAULT, why, True)
+
     # attention heads: from split kernels (D, H, Dh) in the matched source blocks
     for count_path, source_group in matched_groups.items():
         scope = count_path[:-1]
@@ -1291,8 +1456,19 @@ def _infer(p: _Probe, source: ParamTree) -> InferredConfig:
         if heads not in p.defaults or (heads in final and reports.get(heads, None) and reports[heads].how == INFERRED):
             continue
         found = _split_heads(source_group.block)
-        if found is not None and (heads not in classes or found[0] in classes[heads]):
-            value, key, shape = found
+        if found is None:
+            continue
+        value, key, shape = found
+        if heads in tied:  # the head count settles the fields tied to it
+            fitting = [s for s in tied[heads] if s[heads] == value]
+            if len(fitting) == 1:
+                for f, v in fitting[0].items():
+                    if f != heads and reports.get(f) is not None and reports[f].how == DEFAULT:
+                        final[f] = v
+                        reports[f] = FieldInference(_fmt(f), v, INFERRED, f"from {_fmt(heads)} = {value} (split attention kernel {key} {shape}) and the shapes", True)
+                final[heads] = value
+                reports[heads] = FieldInference(_fmt(heads), value, INFERRED, f"split attention kernel {key} {shape}", True)
+        elif heads not in classes or value in classes[heads]:
             final[heads] = value
             reports[heads] = FieldInference(_fmt(heads), value, INFERRED, f"split attention kernel {key} {shape}", heads in p.shape_fields)
 
@@ -1351,6 +1527,84 @@ def _infer(p: _Probe, source: ParamTree) -> InferredConfig:
     return InferredConfig(config, fields_out, unexplained)
 
 
+_TIE_STATES = 12  # equal-shape assignments explored per tie
+_TIE_BUILDS = 400  # meta builds spent on ties at most
+
+
+def _ties(p: _Probe, final: dict[FieldPath, Any]) -> list[tuple[list[dict[FieldPath, int]], dict[FieldPath, int]]]:
+    """Integer fields that can move together without changing any target shape.
+
+    Candidates are the fields that share an axis with another field and own no axis alone
+    (``num_attention_heads`` and ``num_key_value_heads`` of a GQA decoder: k_proj rows =
+    kv x hidden / heads), plus the fields the config derives them from (``head_dim`` from the
+    head count). Moves multiply one field by 2 or 1/2 and each other candidate by the same ratio,
+    its inverse or 1; a move is kept when a meta build gives exactly the same state dict shapes.
+    Returns, per tie, every equal-shape assignment found and the one nearest the defaults: most
+    fields equal to what the config would derive without them, then the smallest log-distance
+    to the class defaults.
+    """
+    anchored = {next(iter(deps)) for deps in p.deps.values() if len(deps) == 1}
+    movable = {f for f in p.partners if f not in anchored and f not in p.counts and f not in p.structural}
+    for f in list(movable):
+        movable |= {h for h in p.parents(f) if h not in anchored and h not in p.counts and h not in p.structural}
+    state0: dict[FieldPath, int] = {}
+    for f in sorted(movable):
+        value = p.effective(final, f)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            state0[f] = value
+    if len(state0) < 2:
+        return []
+    fixed = {k: v for k, v in final.items() if k not in state0}
+    reference = p.build({**fixed, **state0, **p.base})
+    if reference is None:
+        return []
+    fields = sorted(state0)
+    budget = [_TIE_BUILDS]
+
+    def same(state: dict[FieldPath, int]) -> bool:
+        budget[0] -= 1
+        return p.build({**fixed, **state, **p.base}) == reference
+
+    equal = [state0]
+    seen = {tuple(state0[f] for f in fields)}
+    frontier = [state0]
+    while frontier and len(equal) < _TIE_STATES and budget[0] > 0:
+        state = frontier.pop(0)
+        for f in fields:
+            for r in (Fraction(2), Fraction(1, 2)):
+                others = [g for g in fields if g != f]
+                for mults in itertools.product((Fraction(1), r, 1 / r), repeat=len(others)):
+                    trial = {f: state[f] * r, **{g: state[g] * m for g, m in zip(others, mults)}}
+                    if any(v.denominator != 1 or v < 1 for v in trial.values()):
+                        continue
+                    trial = {g: int(v) for g, v in trial.items()}
+                    key = tuple(trial[g] for g in fields)
+                    if key in seen or budget[0] <= 0:
+                        continue
+                    seen.add(key)
+                    if same(trial):
+                        equal.append(trial)
+                        frontier.append(trial)
+    if len(equal) < 2:
+        return []
+
+    def rank(state: dict[FieldPath, int]) -> tuple:
+        derived = sum(1 for f in fields if p.effective({**fixed, **{g: v for g, v in state.items() if g != f}}, f) == state[f])
+        return (derived, -_distance(p, state))
+
+    return [(equal, max(equal, key=rank))]
+
+
+def _distance(p: _Probe, state: dict[FieldPath, int]) -> float:
+    """Log-distance of an assignment to the class defaults."""
+    total = 0.0
+    for f, v in state.items():
+        default = p.effective({}, f)
+        if isinstance(default, int) and default >= 1:
+            total += abs(math.log(v / default))
+    return round(total, 9)
+
+
 def _kept(p: _Probe, key: str) -> bool:
     for group in p.groups:
         for i in range(1, p.counts[group.field]):
@@ -1374,7 +1628,7 @@ def _split_heads(block: list[tuple[str, Shape]]) -> tuple[int, str, Shape] | Non
     """H from flax-style attention kernels: (D, H, Dh) with H*Dh == D, or (H, Dh, D)."""
     found = {}
     for key, shape in block:
-        if len(shape) != 3:
+        if len(shape) != 3 or "{e}" in key:  # a gathered stack of experts is not a split kernel
             continue
         a, b, c = shape
         if a == b * c and b > 1 and c > 1:
@@ -1400,7 +1654,7 @@ def _assign(p: _Probe, solver: _Solver, rows: dict[int, list], final: dict, tie=
     best_key, best = None, []
     for combo in itertools.product(*(live[n] for n in order)):
         sources = [g for _, g in combo]
-        distinct = len({id(g) for g in sources}) == len(sources)
+        distinct = len({g.template for g in sources}) == len(sources)  # a gathered variant is the same stack
         key = (distinct, sum(r[0] for r, _ in combo), sum(r[1] for r, _ in combo))
         if best_key is None or key > best_key:
             best_key, best = key, [combo]

@@ -263,6 +263,12 @@ def build_so400m_inferred(work: Path) -> Case:
                 tensors=case.tensors, params=case.params)
 
 
+def build_moe_inferred(work: Path) -> Case:
+    case = build_moe(work)
+    return Case("moe-inferred", "MoE decoder, 66 layers x 256 experts, no --config (config inferred)", case.target_class, case.source, None,
+                case.known, tensors=case.tensors, params=case.params)
+
+
 BUILDERS = {
     "so400m": build_so400m,
     "so400m-inferred": build_so400m_inferred,
@@ -270,6 +276,7 @@ BUILDERS = {
     "llama-hf": lambda work: build_llama(work, "hf"),
     "llama-meta": lambda work: build_llama(work, "meta"),
     "moe": build_moe,
+    "moe-inferred": build_moe_inferred,
 }
 
 

@@ -42,11 +42,13 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import processes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -264,18 +266,11 @@ def _reset_peak_rss() -> int | None:
 def run_process(argv: list[str]) -> dict:
     """Run ``argv``; its wall time, ru_maxrss (bytes) and the JSON its last stdout line holds (if any)."""
     env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-    with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
-        started = time.perf_counter()
-        process = subprocess.Popen(argv, stdout=stdout, stderr=stderr, env=env, cwd=ROOT)
-        _, status, usage = os.wait4(process.pid, 0)
-        wall = time.perf_counter() - started
-        process.returncode = os.waitstatus_to_exitcode(status)
-        stdout.seek(0)
-        stderr.seek(0)
-        text, errors = stdout.read().decode(), stderr.read().decode()
-    if process.returncode != 0:
-        raise SystemExit(f"{' '.join(map(str, argv))} failed ({process.returncode}):\n{errors[-3000:]}")
-    result = {"wall": wall, "rss": usage.ru_maxrss * 1024}
+    run = processes.run_process(argv, env, cwd=ROOT)
+    if run["code"] != 0:
+        raise SystemExit(f"{' '.join(map(str, argv))} failed ({run['code']}):\n{run['stderr'][-3000:]}")
+    text = run["stdout"]
+    result = {"wall": run["wall"], "rss": run["rss"]}
     lines = [line[len(MARK):] for line in text.splitlines() if line.startswith(MARK)]
     if lines:
         result.update(json.loads(lines[-1]))

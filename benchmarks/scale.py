@@ -43,7 +43,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +53,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
+import processes  # noqa: E402
 import sparse_checkpoints as sparse  # noqa: E402
 from llama_layouts import meta_name  # noqa: E402
 
@@ -415,17 +415,7 @@ def child_depth(spec: dict) -> None:
 
 
 def run_process(argv: list[str], env: dict | None = None) -> dict:
-    """Wall time, exit code, output and peak RSS (``wait4``: this process's own) of one fresh process."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        start = time.perf_counter()
-        process = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=ROOT)
-        _, status, usage = os.wait4(process.pid, 0)
-        wall = time.perf_counter() - start
-        process.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return {"wall": wall, "code": process.returncode, "stdout": out.read().decode(), "stderr": err.read().decode(),
-                "rss": usage.ru_maxrss * 1024}
+    return processes.run_process(argv, env, cwd=ROOT)
 
 
 def _env() -> dict:

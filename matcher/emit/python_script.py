@@ -221,7 +221,7 @@ def _combined(rule: Rule, position: int, context: Context, ndims) -> tuple[list[
     iterable = "(" + items[0][2:-1] + ")" if single_gathered else _sequence(items, "(", ")")
     if not statements:
         return [], combine(op, f"[{expr} for x in {iterable}]")
-    loop = [f"parts = []", f"for x in {iterable}:"] + [INDENT + s for s in statements] + [f"{INDENT}parts.append({expr})"]
+    loop = ["parts = []", f"for x in {iterable}:"] + [INDENT + s for s in statements] + [f"{INDENT}parts.append({expr})"]
     return loop, combine(op, "parts")
 
 

@@ -25,7 +25,7 @@ from ..errors import MappingError
 from ..mapping import Mapping, Rule
 from ..ops import Chunk, Concat, MergeAxes, Select, SplitAxis, Stack, Transpose
 from ..tree import ParamTree, natural_key
-from .assign import INFEASIBLE, Ambiguity, Item, Pair, ScopeResult, item_chains, orientation_key, solve_scope
+from .assign import INFEASIBLE, Item, Pair, ScopeResult, item_chains, orientation_key, solve_scope
 from .blocks import Block, Units, ancestors, find_blocks, find_stacked
 from .names import describe_names, hidden_layout_note, is_training_state, similarity
 

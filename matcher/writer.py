@@ -110,6 +110,10 @@ def _as_numpy(array: Any) -> np.ndarray:
 
 
 _SAME_SIZE_INTS = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
+# torch warns when it wraps a read-only array (a view of a mapped source), which is only read
+# here. A filter for that one message, set once: catch_warnings would save and restore the
+# process's filters from two threads (the reader thread uses it too) and could lose them.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 POOL_BYTES = 64 * 2**20  # buffers kept for reuse, at most
 
 
@@ -152,9 +156,7 @@ def _contiguous(array: np.ndarray, buffers: _Buffers | None = None) -> tuple[np.
         buffer = buffers.take(array.nbytes) if buffers is not None else np.empty(array.nbytes, np.uint8)
         out = buffer[: array.nbytes].view(array.dtype).reshape(array.shape)
         try:  # same-size integers: any dtype (bfloat16, float8, bool) is copied bit for bit
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # a read-only source (a view of a mapped file) is only read
-                torch.from_numpy(out.view(as_int)).copy_(torch.from_numpy(array.view(as_int)))
+            torch.from_numpy(out.view(as_int)).copy_(torch.from_numpy(array.view(as_int)))
             return out, (buffer if buffers is not None else None)
         except (TypeError, ValueError, RuntimeError):  # strides torch cannot express: numpy copies
             if buffers is not None:
@@ -198,6 +200,31 @@ OVERLAP_BYTES = 64 * 2**20  # produced bytes that may wait for the disk while th
 _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM, errno.ENOTSUP}
 
 
+OPEN_FILES = 64  # output files held open at once (a model may have thousands of shards)
+
+
+class _OpenFiles:
+    """Output files opened for writing as needed, at most ``limit`` at a time (the least recently
+    used is closed first). Used by the writer thread only."""
+
+    def __init__(self, limit: int | None = None):
+        self.limit = limit or OPEN_FILES
+        self.fds: collections.OrderedDict[Path, int] = collections.OrderedDict()
+
+    def get(self, path: Path) -> int:
+        fd = self.fds.pop(path, None)
+        if fd is None:
+            while len(self.fds) >= self.limit:
+                os.close(self.fds.popitem(last=False)[1])
+            fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+        self.fds[path] = fd
+        return fd
+
+    def close_all(self) -> None:
+        while self.fds:
+            os.close(self.fds.popitem()[1])
+
+
 class _BackgroundWriter:
     """Writes in a thread, so that reading and transposing the next tensor overlaps writing
     this one (``pwrite`` releases the GIL). At most ``limit`` bytes wait or are being written,
@@ -217,6 +244,7 @@ class _BackgroundWriter:
         self.error: BaseException | None = None
         self.closing = self.aborted = False
         self.buffers = _Buffers()
+        self.files = _OpenFiles()
         self.copy_range = hasattr(os, "copy_file_range")
         self.thread = threading.Thread(target=self._run, name="matcher-writer", daemon=True)
         self.thread.start()
@@ -228,13 +256,15 @@ class _BackgroundWriter:
                     self.condition.wait()
                 if not self.jobs:
                     return
-                fd, data, position, tensor, buffer, origin = self.jobs[0]
+                path, data, position, tensor, buffer, origin = self.jobs[0]
                 skip = self.aborted or self.error is not None
             try:
                 if not skip:
+                    fd = self.files.get(path)
                     done = self._copy_range(fd, origin, len(data), position) if origin is not None else 0
                     _pwrite_all(fd, data[done:], position + done)
             except BaseException as exc:  # handed to the producing thread, which raises it
+                skip = True  # not written: not reported as written either
                 with self.condition:
                     self.error = exc
             if buffer is not None:
@@ -276,8 +306,8 @@ class _BackgroundWriter:
                 self.condition.wait()
             self._raise()
 
-    def submit(self, fd: int, array: np.ndarray, position: int, tensor: OutputTensor) -> None:
-        """Queue ``array`` (any layout) to be written at ``position``."""
+    def submit(self, path: Path, array: np.ndarray, position: int, tensor: OutputTensor) -> None:
+        """Queue ``array`` (any layout) to be written at ``position`` of ``path`` (its header written already)."""
         origin = locate(array) if self.copy_range else None
         buffer = None
         if origin is None:
@@ -285,7 +315,7 @@ class _BackgroundWriter:
         data = _as_bytes(array)
         with self.condition:
             self._raise()
-            self.jobs.append((fd, data, position, tensor, buffer, origin))
+            self.jobs.append((path, data, position, tensor, buffer, origin))
             self.pending += len(data)
             self.condition.notify_all()
 
@@ -301,6 +331,7 @@ class _BackgroundWriter:
             self.aborted = self.aborted or abort
             self.condition.notify_all()
         self.thread.join()
+        self.files.close_all()
         if not abort:
             self._raise()
 
@@ -325,23 +356,21 @@ def write_files(
     if sorted(t.name for t in order) != sorted(t.name for t in everything) or len({t.name for t in order}) != len(order):
         raise MatcherError("internal error: the writing order is not a permutation of the planned tensors")
     headers = [_header(tensors, metadata) for _, tensors in files]  # every dtype checked before any file is opened
-    places: dict[str, tuple[int, int]] = {}
-    handles = []
+    places: dict[str, tuple[Path, int]] = {}
+    for (path, _), (prefix, positions) in zip(files, headers):
+        with open(path, "wb", buffering=0) as handle:
+            _pwrite_all(handle.fileno(), memoryview(prefix), 0)
+        places.update((name, (Path(path), position)) for name, position in positions.items())
     writer = None
     try:
-        for (path, _), (prefix, positions) in zip(files, headers):
-            handle = open(path, "wb", buffering=0)
-            handles.append(handle)
-            _pwrite_all(handle.fileno(), memoryview(prefix), 0)
-            places.update((name, (handle.fileno(), position)) for name, position in positions.items())
         writer = _BackgroundWriter()
         for tensor in order:
             writer.reserve(tensor.nbytes)
             array = _as_numpy(produce(tensor))
             if tuple(array.shape) != tensor.shape or array.dtype != numpy_dtype(tensor.dtype):
                 raise MatcherError(f"{tensor.name}: produced {tuple(array.shape)} {array.dtype}, planned {tensor.shape} {tensor.dtype}")
-            fd, position = places[tensor.name]
-            writer.submit(fd, array, position, tensor)
+            path, position = places[tensor.name]
+            writer.submit(path, array, position, tensor)
             del array
             for done in writer.take_written() if progress else ():
                 progress(done)
@@ -351,8 +380,6 @@ def write_files(
     finally:
         if writer is not None and writer.thread.is_alive():
             writer.close(abort=True)
-        for handle in handles:
-            handle.close()
 
 
 def write_safetensors(

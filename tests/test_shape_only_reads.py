@@ -64,3 +64,23 @@ def test_opening_a_safetensors_file_reads_its_header_only(tmp_path, record_reads
     tree = open_tree(path)
     assert tree["layer0/w"].shape == (64, 32)
     assert recorded_reads and max(end for _, end in recorded_reads) <= header_end
+
+
+def bytes_read_by_this_process() -> int:
+    with open("/proc/self/io") as io:
+        return next(int(line.split()[1]) for line in io if line.startswith("rchar:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs /proc/self/io")
+def test_opening_a_torch_checkpoint_reads_its_pickle_and_directory_not_its_storages(tmp_path):
+    import torch
+
+    state = {f"layers.{i}.w": torch.full((64, 64), float(i)) for i in range(300)}  # 300 storages of 16 KiB
+    path = tmp_path / "m.pt"
+    torch.save(state, path)
+    open_tree(path)  # warm-up: imports and lazy initialisation read files of their own
+    before = bytes_read_by_this_process()
+    tree = open_tree(path)
+    read = bytes_read_by_this_process() - before
+    assert tree["layers.7.w"].shape == (64, 64)
+    assert read < 300 * 1024  # the pickle and the zip directory: well under a KiB per storage (4 KiB each were read before)

@@ -131,3 +131,34 @@ def test_a_safetensors_file_whose_header_length_looks_like_a_msgpack_map_is_read
         pytest.fail("no padding gave such a header length")
     tree = open_tree(path)
     assert tree.format == "safetensors" and tree.read("w").tolist() == [0, 1, 2]
+
+
+def test_thousands_of_shards_are_written_with_a_few_files_open(tmp_path, monkeypatch):
+    """A 300 GB model in 200 MB shards has 1 500 files: more than a process may hold open."""
+    import matcher.writer as writer_module
+
+    monkeypatch.setattr(writer_module, "OPEN_FILES", 3)
+    open_now, most = set(), [0]
+    real_open, real_close = writer_module.os.open, writer_module.os.close
+
+    def tracked_open(path, *args, **kwargs):
+        fd = real_open(path, *args, **kwargs)
+        open_now.add(fd)
+        most[0] = max(most[0], len(open_now))
+        return fd
+
+    def tracked_close(fd):
+        open_now.discard(fd)
+        return real_close(fd)
+
+    monkeypatch.setattr(writer_module.os, "open", tracked_open)
+    monkeypatch.setattr(writer_module.os, "close", tracked_close)
+    rng = np.random.default_rng(5)
+    arrays = {f"t{i}": rng.standard_normal((4, 3 + i % 5)).astype(np.float32) for i in range(40)}
+    tensors = [OutputTensor(name, a.shape, "float32") for name, a in arrays.items()]
+    order = tensors[::-1]  # produced in another order than the files hold them: files are reopened
+    names = writer_module.write_model(tmp_path, tensors, lambda t: arrays[t.name], max_shard_size=100, order=order)
+    assert len(names) == 41 and most[0] <= 3 and not open_now
+    index = json.loads((tmp_path / INDEX_NAME).read_text())["weight_map"]
+    for name, array in arrays.items():
+        assert np.array_equal(load_file(str(tmp_path / index[name]))[name], array), name

@@ -11,6 +11,7 @@ encryption) is refused. Shared by the npz and the PyTorch (zip) readers.
 from __future__ import annotations
 
 import os
+import struct
 import zipfile
 from pathlib import Path
 
@@ -125,3 +126,16 @@ def check_members(archive: zipfile.ZipFile, members: list[zipfile.ZipInfo], path
         if end > data_end:
             raise fail(member, f"claims {member.compress_size} bytes at offset {start}, beyond the archive's {archive_size} bytes (truncated or corrupt)")
         position = end
+
+
+def stored_data_offset(read, member: zipfile.ZipInfo) -> int:
+    """Where a stored member's bytes start, from its local header (``read(offset, n)``, e.g. an
+    ``ExactFile``'s, so that no byte of the data is read); ValueError if the header is not one."""
+    local = bytes(read(member.header_offset, LOCAL_HEADER_SIZE))
+    if len(local) != LOCAL_HEADER_SIZE or not local.startswith(b"PK\x03\x04"):
+        raise ValueError("bad local file header")
+    name_length, extra_length = struct.unpack("<HH", local[26:30])
+    name = bytes(read(member.header_offset + LOCAL_HEADER_SIZE, name_length)).decode("utf-8" if member.flag_bits & 0x800 else "cp437", errors="replace")
+    if name != member.orig_filename:
+        raise ValueError(f"file name in directory and header differ ({short(member.orig_filename)} vs {short(name)})")
+    return member.header_offset + LOCAL_HEADER_SIZE + name_length + extra_length

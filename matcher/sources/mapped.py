@@ -113,11 +113,28 @@ class MappedFile:
             pass
 
 
-def _merged(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+MAX_RELEASED_RANGES = 64  # ranges re-released at every sweep, at most (see _merged)
+
+
+def _merged(intervals: list[tuple[int, int]], limit: int = MAX_RELEASED_RANGES) -> list[tuple[int, int]]:
+    """``intervals`` sorted and merged, at most ``limit`` of them: the narrowest gaps are closed
+    first. Every sweep releases all of them again, so their number must not grow with the
+    tensors read (a torch zip puts a record header between every two storages, so its ranges
+    never touch); releasing a gap too only drops pages that are read back if needed."""
     merged: list[tuple[int, int]] = []
     for start, end in sorted(intervals):
         if merged and start <= merged[-1][1]:
             merged[-1] = (merged[-1][0], max(merged[-1][1], end))
         else:
             merged.append((start, end))
+    if len(merged) > limit:
+        gaps = sorted(merged[i + 1][0] - merged[i][1] for i in range(len(merged) - 1))
+        widest_closed = gaps[len(merged) - limit - 1]
+        closed: list[tuple[int, int]] = [merged[0]]
+        for start, end in merged[1:]:
+            if start - closed[-1][1] <= widest_closed:
+                closed[-1] = (closed[-1][0], end)
+            else:
+                closed.append((start, end))
+        merged = closed
     return merged

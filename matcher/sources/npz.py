@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import SourceError
 from ..tree import ParamTree, TensorSpec
 from . import register
-from .checks import ExactFile, open_checked_zip, reason, short
+from .checks import ExactFile, open_checked_zip, reason, short, stored_data_offset
 from .mapped import MappedFile
 
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -128,25 +128,13 @@ class _MemberCursor:
 
     def __init__(self, exact: ExactFile, member: zipfile.ZipInfo):
         self.exact = exact
-        self.position = _member_data(exact.read, member)
+        self.position = stored_data_offset(exact.read, member)
         self.end = self.position + member.file_size
 
     def read(self, length: int) -> bytes:
         data = self.exact.read(self.position, max(0, min(length, self.end - self.position)))
         self.position += len(data)
         return data
-
-
-def _member_data(read, member: zipfile.ZipInfo) -> int:
-    """Where a stored member's bytes start, from its local header (``read(offset, n)``)."""
-    local = bytes(read(member.header_offset, 30))
-    if len(local) != 30 or not local.startswith(_ZIP_MAGIC):
-        raise ValueError("bad local file header")
-    name_length, extra_length = struct.unpack("<HH", local[26:30])
-    name = bytes(read(member.header_offset + 30, name_length)).decode("utf-8" if member.flag_bits & 0x800 else "cp437", errors="replace")
-    if name != member.orig_filename:
-        raise ValueError(f"file name in directory and header differ ({short(member.orig_filename)} vs {short(name)})")
-    return member.header_offset + 30 + name_length + extra_length
 
 
 def _read_stored(path: Path, mapped: MappedFile | None, member: zipfile.ZipInfo, shape: tuple[int, ...], dtype: np.dtype,
@@ -157,13 +145,13 @@ def _read_stored(path: Path, mapped: MappedFile | None, member: zipfile.ZipInfo,
     count = math.prod(shape)
     stored_shape = shape[::-1] if fortran else shape
     if mapped is not None:
-        start = _member_data(mapped.view, member)
+        start = stored_data_offset(mapped.view, member)
         header = mapped.view(start, header_size)
         array = mapped.array(start + header_size, dtype, count, populate=True)  # the CRC reads it all
         data = memoryview(array.view(np.uint8))
     else:
         with ExactFile(path, headers_only=False) as handle:
-            start = _member_data(handle.read, member)
+            start = stored_data_offset(handle.read, member)
             header = handle.read(start, header_size)
             if len(header) != header_size:
                 raise ValueError("member ends inside the .npy header")
@@ -185,7 +173,8 @@ def open_npz(path: Path) -> ParamTree:
         archive.close()
         raise
 
-    mapped = MappedFile.open(path)
+    stored = any(member.compress_type == zipfile.ZIP_STORED for member, *_ in layout.values())
+    mapped = MappedFile.open(path) if stored else None  # deflated members are read through zipfile
 
     def load(key: str) -> np.ndarray:
         member, dtype, fortran, header_size = layout[key]

@@ -45,7 +45,7 @@ import numpy as np
 from ..errors import SourceError
 from ..tree import ParamTree, TensorSpec, dtype_name
 from . import register
-from .checks import ExactFile, open_checked_zip, reason, short
+from .checks import ExactFile, open_checked_zip, reason, short, stored_data_offset
 from .mapped import MappedFile
 
 CONTAINERS = ("state_dict", "model_state_dict", "model", "module", "params", "weights")
@@ -176,33 +176,30 @@ def _check_zip_storages(archive: Any, path: Path) -> dict[int, int]:
     except Exception:
         return {}  # torch will fail on this pickle too, allocating nothing meanwhile
     records: dict[int, int] = {}
-    for key, claimed in storages.items():
-        if claimed is None or not isinstance(key, str):
-            continue  # torch names records by string keys; anything else it refuses
-        try:
-            record = archive.getinfo(f"{prefix}data/{key}")
-        except KeyError:
-            raise SourceError(f"cannot load the PyTorch checkpoint: storage {short(key)} has no record in the archive", path=str(path)) from None
-        if record.file_size != claimed:
-            raise SourceError(
-                f"cannot load the PyTorch checkpoint: storage {short(key)} claims {short(claimed, 40)} bytes but its record holds {record.file_size}",
-                path=str(path),
-            )
-        if record.compress_type == zipfile.ZIP_STORED:
-            offset = _data_offset(archive, record)
-            if offset is not None:
-                records[offset] = record.file_size
+    with ExactFile(path) as exact:  # local headers read exactly: none of the storages' bytes
+        for key, claimed in storages.items():
+            _check_storage(archive, exact, prefix, key, claimed, records, path)
     return records
 
 
-def _data_offset(archive: Any, member: Any) -> int | None:
-    """Where a stored zip member's bytes start in the file (after its local header)."""
-    archive.fp.seek(member.header_offset)
-    local = archive.fp.read(30)
-    if len(local) != 30 or not local.startswith(_ZIP_MAGIC):
-        return None
-    name_length, extra_length = struct.unpack("<HH", local[26:30])
-    return member.header_offset + 30 + name_length + extra_length
+def _check_storage(archive: Any, exact: ExactFile, prefix: str, key: Any, claimed: Any, records: dict[int, int], path: Path) -> None:
+    """One storage's claimed size against its record; a stored record's data offset into ``records``."""
+    if claimed is None or not isinstance(key, str):
+        return  # torch names records by string keys; anything else it refuses
+    try:
+        record = archive.getinfo(f"{prefix}data/{key}")
+    except KeyError:
+        raise SourceError(f"cannot load the PyTorch checkpoint: storage {short(key)} has no record in the archive", path=str(path)) from None
+    if record.file_size != claimed:
+        raise SourceError(
+            f"cannot load the PyTorch checkpoint: storage {short(key)} claims {short(claimed, 40)} bytes but its record holds {record.file_size}",
+            path=str(path),
+        )
+    if record.compress_type == zipfile.ZIP_STORED:
+        try:
+            records[stored_data_offset(exact.read, record)] = record.file_size
+        except ValueError:  # not where the directory says: torch will complain itself
+            pass
 
 
 def _unpickling_message(exc: pickle.UnpicklingError) -> tuple[bool, str]:

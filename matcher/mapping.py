@@ -347,20 +347,22 @@ def _expand_rule(rule: Rule, source_keys: Sequence[str], target_keys: Sequence[s
     gathered = set(rule.gathered)
     # The instances of each gathered source, indexed once by the placeholders the binding fixes
     # (one pass over the keys per source, not one per layer).
-    instances_of: dict[str, dict[tuple, list[str]]] = {}
+    instances_of: dict[str, dict[tuple, list[tuple[tuple, str]]]] = {}  # -> [(gathered values, key)]
     for source in rule.sources:
         source_t = template(source)
         if source in instances_of or not set(source_t.variables) & gathered:
             continue
         fixed = [v for v in source_t.variables if v not in gathered]
-        index: dict[tuple, list[str]] = defaultdict(list)
+        own = sorted(v for v in source_t.variables if v in gathered)
+        index: dict[tuple, list[tuple[tuple, str]]] = defaultdict(list)
         for key in source_keys:
             match = source_t.match(key)
             if match is not None:
-                index[tuple(match[v] for v in fixed)].append(key)
-        instances_of[source] = {k: sorted(v, key=natural_key) for k, v in index.items()}
+                index[tuple(match[v] for v in fixed)].append((tuple(match[v] for v in own), key))
+        instances_of[source] = {k: sorted(v, key=lambda item: natural_key(item[1])) for k, v in index.items()}
     for binding in bindings:
         sources: list[str] = []
+        gathered_values: dict[str, list[tuple]] = {}
         for source in rule.sources:
             filled = template(source).fill(binding)
             if source in instances_of:
@@ -368,12 +370,24 @@ def _expand_rule(rule: Rule, source_keys: Sequence[str], target_keys: Sequence[s
                 instances = instances_of[source].get(tuple(binding[v] for v in fixed), [])
                 if not instances:
                     problems.append(f"{target_t.fill(binding)}: no key matches {filled}")
-                sources.extend(instances)
+                gathered_values[filled] = [values for values, _ in instances]
+                sources.extend(key for _, key in instances)
             else:
                 sources.append(filled)
+        if len({tuple(v) for v in gathered_values.values()}) > 1:  # expert 3 of one with expert 4 of another
+            (first, a), *others = gathered_values.items()
+            second, b = next((name, values) for name, values in others if values != a)
+            problems.append(f"{target_t.fill(binding)}: {first} and {second} gather different instances "
+                            f"({_instance_list(a)} vs {_instance_list(b)})")
+            continue
         if not sources:
             continue
         yield ExpandedRule(target_t.fill(binding), tuple(sources), tuple(op.bind(binding) for op in rule.ops), rule)
+
+
+def _instance_list(values: list[tuple]) -> str:
+    shown = ", ".join("/".join(str(v) for v in value) for value in values[:8])
+    return shown + (f", ... ({len(values)})" if len(values) > 8 else "")
 
 
 def _bindings(pattern, keys: Sequence[str], names: set[str]) -> list[dict[str, int]]:

@@ -5,9 +5,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from matcher.errors import MappingError
+from matcher.errors import MappingError, MatcherError
 from matcher.mapping import Declared, Mapping, Rule
 from matcher.ops import Chunk, Concat, MergeAxes, Select, Stack, Transpose, apply_chain
+from matcher.tree import ParamTree, TensorSpec
 
 RNG = np.random.default_rng(0)
 
@@ -136,3 +137,21 @@ def test_a_mapping_file_that_is_not_yaml_is_one_clear_error(tmp_path):
     bad.write_text("rules: [unclosed")
     with pytest.raises(MappingError, match="not valid YAML"):
         Mapping.load(bad)
+
+
+def test_sources_gathered_together_must_hold_the_same_instances():
+    """Gate experts 0-3 and up experts 0, 1, 2, 4: stacking them side by side would pair gate 3
+    with up 4 silently; the rule is refused, naming both instance lists."""
+    from matcher.convert import convert_arrays
+    from matcher.ops import SplitAxis
+
+    arrays = {f"x.experts.{e}.w1": np.full((2, 3), e, np.float32) for e in (0, 1, 2, 3)}
+    arrays |= {f"x.experts.{e}.w3": np.full((2, 3), 10 + e, np.float32) for e in (0, 1, 2, 4)}
+    source = ParamTree({k: TensorSpec(k, v.shape, "float32") for k, v in arrays.items()}, loader=arrays.__getitem__)
+    target = ParamTree({"y": TensorSpec("y", (4, 4, 3), "float32")})
+    rule = Rule("y", ("x.experts.{e}.w1", "x.experts.{e}.w3"), (Stack(0), SplitAxis(0, (2, -1)), Transpose((1, 0, 2, 3)), MergeAxes(1, 2)))
+    with pytest.raises(MatcherError, match=r"gather different instances \(0, 1, 2, 3 vs 0, 1, 2, 4\)"):
+        convert_arrays(source, target, Mapping((rule,)))
+    arrays["x.experts.3.w3"] = arrays.pop("x.experts.4.w3")  # the same instances: accepted
+    source = ParamTree({k: TensorSpec(k, v.shape, "float32") for k, v in arrays.items()}, loader=arrays.__getitem__)
+    assert convert_arrays(source, target, Mapping((rule,)))["y"].shape == (4, 4, 3)

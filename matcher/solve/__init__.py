@@ -26,7 +26,7 @@ from ..mapping import Mapping, Rule
 from ..ops import Chunk, Concat, MergeAxes, Select, SplitAxis, Stack, Transpose
 from ..tree import ParamTree, natural_key
 from .assign import INFEASIBLE, Item, Pair, ScopeResult, item_chains, orientation_key, solve_scope
-from .blocks import Block, Units, ancestors, find_blocks, find_stacked
+from .blocks import Block, Units, ancestors, find_blocks, find_stacked, split_like
 from .names import describe_names, hidden_layout_note, is_training_state, similarity
 
 CONVENTION_AGREEMENT = 0.8
@@ -129,8 +129,17 @@ class BlockMatch:
     result: ScopeResult
 
 
+def _comparable(source: Block, target: Block) -> bool:
+    """Blocks that may pair: the same layer numbers (a structure class pairs only with the class
+    of the same layers); a scanned stack, whose layers are selected by ``{i}``, only with layers
+    numbered 0..L-1."""
+    if source.stacked:
+        return target.indices == list(range(target.count))
+    return source.indices == target.indices
+
+
 def _block_cost(source: Block, target: Block, result: ScopeResult, prefix_similarity: float) -> float:
-    if source.indices != target.indices and not source.stacked:
+    if not _comparable(source, target):
         return INFEASIBLE
     covered = len(result.pairs) + len(result.ambiguous)
     total = covered + len(result.unmatched_targets)
@@ -151,7 +160,7 @@ def _match_blocks(source: Units, target: Units, conventions: dict[str, bool]) ->
     results: dict[tuple[int, int], ScopeResult] = {}
     for r, sb in enumerate(source.blocks):
         for c, tb in enumerate(target.blocks):
-            if sb.count != tb.count:
+            if sb.count != tb.count or not _comparable(sb, tb):
                 continue
             result = solve_scope(_block_items(sb), _block_items(tb), conventions)
             results[(r, c)] = result
@@ -251,7 +260,8 @@ def match_trees(source: ParamTree, target: ParamTree) -> MatchReport:
     parameters = {k: s for k, s in source.specs.items() if not is_training_state(k)}
     source_units = find_blocks(ParamTree(parameters, source.loader, source.origin, source.format))
     target_units = find_blocks(target)
-    source_units = find_stacked(source_units, {b.count for b in target_units.blocks})
+    source_units = find_stacked(source_units, {b.count for b in target_units.blocks if b.indices == list(range(b.count))})
+    source_units, target_units = split_like(source_units, target_units), split_like(target_units, source_units)
     matches, singles = _solve(source_units, target_units, {})
     conventions = _learn_conventions(_all_pairs(matches, singles))
     matches, singles = _solve(source_units, target_units, conventions)
@@ -272,7 +282,8 @@ def _towers(source: ParamTree, target: ParamTree, source_units: Units, target_un
         {"source": s, "target": t, "source_params": _subtree_params(source, s), "target_params": _subtree_params(target, t)}
         for s, t in tower_pairs(matches).items()
     ] + [
-        {"source": m.source.prefix, "target": m.target.prefix, "layers": m.target.count, "stacked": m.source.stacked}
+        {"source": m.source.prefix, "target": m.target.prefix, "layers": m.target.count, "stacked": m.source.stacked,
+         **({"indices": list(m.target.indices)} if m.source.classed or m.target.classed else {})}
         for m in matches
     ]
 
@@ -367,47 +378,35 @@ def _hold_hidden_layouts(decisions: list[Decision], unresolved: list[Unresolved]
 
 
 def _report(source: ParamTree, target: ParamTree, matches, singles, conventions) -> MatchReport:
-    decisions: list[Decision] = []
-    unresolved: list[Unresolved] = []
-    used_sources: set[str] = set()
-    written_targets: set[str] = set()
-    fused_targets: dict[str, list[Pair]] = defaultdict(list)
+    # Every decision and question is tagged with the block pair it comes from (None: the leaves
+    # outside blocks), so that the rules of structure classes can be settled afterwards.
+    decisions: list[tuple[Decision, BlockMatch | None]] = []
+    unresolved: list[tuple[Unresolved, BlockMatch | None]] = []
+    fused_targets: dict[tuple[int, str], list[Pair]] = defaultdict(list)
+    stacked_parts: dict[tuple[int, str], dict[int, list]] = defaultdict(dict)  # fused target of gathered parts -> part -> candidates
+    stacked_items: dict[tuple[int, str], Item] = {}
+    stacked_reasons: dict[tuple[int, str], list[str]] = defaultdict(list)
 
-    def expand_sources(template: str) -> list[str]:
-        from ..patterns import template as tmpl
-
-        t = tmpl(template)
-        return [k for k in source.keys() if t.match(k) is not None]
-
-    def expand_targets(template: str) -> list[str]:
-        from ..patterns import template as tmpl
-
-        t = tmpl(template)
-        return [k for k in target.keys() if t.match(k) is not None]
-
-    stacked_parts: dict[str, dict[int, list]] = defaultdict(dict)  # fused target of gathered parts -> part -> candidates
-    stacked_items: dict[str, Item] = {}
-    stacked_reasons: dict[str, list[str]] = defaultdict(list)
-
-    def hold_stacked_part(target_item: Item, candidates: list, reason: str | None) -> None:
-        stacked_parts[target_item.template][target_item.part] = candidates
-        stacked_items[target_item.template] = target_item
+    def hold_stacked_part(scope: int, target_item: Item, candidates: list, reason: str | None) -> None:
+        key = (scope, target_item.template)
+        stacked_parts[key][target_item.part] = candidates
+        stacked_items[key] = target_item
         if reason:
-            stacked_reasons[target_item.template].append(reason)
+            stacked_reasons[key].append(reason)
 
-    scopes = [m.result for m in matches] + [singles]
-    for scope in scopes:
+    scopes = [(m.result, m) for m in matches] + [(singles, None)]
+    for number, (scope, match) in enumerate(scopes):
         for ambiguity in scope.ambiguous:
             part = f" (its {ambiguity.target.role} part)" if ambiguity.target.role else ""
             if _stacked_parts(ambiguity.target):
-                hold_stacked_part(ambiguity.target, list(ambiguity.candidates), ambiguity.reason + part)
+                hold_stacked_part(number, ambiguity.target, list(ambiguity.candidates), ambiguity.reason + part)
                 continue
             options = [Option((item.template,), _rule_ops(item, chain, ambiguity.target), cost, item.label) for item, chain, cost in ambiguity.candidates]
-            unresolved.append(Unresolved(ambiguity.target.template, [f"{o.label} (cost {o.cost:.2f})" for o in options],
-                                         ambiguity.reason + part, options, ambiguity.target.role))
+            unresolved.append((Unresolved(ambiguity.target.template, [f"{o.label} (cost {o.cost:.2f})" for o in options],
+                                          ambiguity.reason + part, options, ambiguity.target.role), match))
         for pair in scope.pairs:
             if pair.orientation_open and _stacked_parts(pair.target):
-                hold_stacked_part(pair.target, [(pair.source, chain, pair.cost) for chain in item_chains(pair.source, pair.target)],
+                hold_stacked_part(number, pair.target, [(pair.source, chain, pair.cost) for chain in item_chains(pair.source, pair.target)],
                                   f"square matrix and no layout convention for '{orientation_key(pair.source)}' tensors (its {pair.target.role} part)")
                 continue
             if pair.orientation_open:
@@ -415,56 +414,274 @@ def _report(source: ParamTree, target: ParamTree, matches, singles, conventions)
                     Option((pair.source.template,), _rule_ops(pair.source, chain, pair.target), pair.cost, f"{pair.source.label} {'transposed' if chain.transposed else 'as is'}")
                     for chain in item_chains(pair.source, pair.target)
                 ]
-                unresolved.append(Unresolved(pair.target.template, [o.label for o in options],
-                                             f"square matrix and no layout convention for '{orientation_key(pair.source)}' tensors",
-                                             options, pair.target.role))
+                unresolved.append((Unresolved(pair.target.template, [o.label for o in options],
+                                              f"square matrix and no layout convention for '{orientation_key(pair.source)}' tensors",
+                                              options, pair.target.role), match))
                 continue
             if pair.target.part is not None:
-                fused_targets[pair.target.template].append(pair)
+                fused_targets[(number, pair.target.template)].append(pair)
                 continue
             try:
                 rule = Rule(pair.target.template, (pair.source.template,), _rule_ops(pair.source, pair.chain, pair.target))
             except MappingError as exc:  # e.g. one chunk of a fused tensor in a scanned stack: select + chunk
-                unresolved.append(Unresolved(pair.target.template, [pair.source.label], _inexpressible(exc)))
+                unresolved.append((Unresolved(pair.target.template, [pair.source.label], _inexpressible(exc)), match))
                 continue
-            decisions.append(Decision(rule, _confidence(pair), pair.reasons + [f"margin {pair.margin:.2f}"]))
-    for template, parts in fused_targets.items():
+            decisions.append((Decision(rule, _confidence(pair), pair.reasons + [f"margin {pair.margin:.2f}"]), match))
+    for (number, template), parts in fused_targets.items():
+        match = scopes[number][1]
         parts.sort(key=lambda p: p.target.part)
         chains = {tuple(op.to_dict().__repr__() for op in p.chain.ops) for p in parts}
         ops = _fused_ops(parts)
         alike = len(parts) == parts[0].target.parts and len(chains) == 1 and ops is not None
-        if template in stacked_parts or (not alike and _stacked_parts(parts[0].target)):
+        if (number, template) in stacked_parts or (not alike and _stacked_parts(parts[0].target)):
             for p in parts:
-                hold_stacked_part(p.target, [(p.source, p.chain, p.cost)], None)
-            if not alike and template not in stacked_reasons:
-                stacked_reasons[template].append("the parts of this fused tensor were not all matched alike")
+                hold_stacked_part(number, p.target, [(p.source, p.chain, p.cost)], None)
+            if not alike and (number, template) not in stacked_reasons:
+                stacked_reasons[(number, template)].append("the parts of this fused tensor were not all matched alike")
             continue
         if not alike:
             options = [Option((p.source.template,), _rule_ops(p.source, p.chain, p.target), p.cost, f"{p.source.label} as its {p.target.role} part") for p in parts]
-            unresolved.append(Unresolved(template, [o.label for o in options], "the parts of this fused tensor were not all matched alike", options))
+            unresolved.append((Unresolved(template, [o.label for o in options], "the parts of this fused tensor were not all matched alike", options), match))
             continue
         try:
             rule = Rule(template, tuple(p.source.template for p in parts), ops)
         except MappingError as exc:  # parts from a scanned stack: select + concat
-            unresolved.append(Unresolved(template, [p.source.label for p in parts], _inexpressible(exc)))
+            unresolved.append((Unresolved(template, [p.source.label for p in parts], _inexpressible(exc)), match))
             continue
-        decisions.append(Decision(rule, min(_confidence(p) for p in parts), ["concatenation of " + ", ".join(p.source.label for p in parts)]))
-    for template, candidates in stacked_parts.items():
-        options = _whole_options(stacked_items[template], candidates)
-        unresolved.append(Unresolved(template, [f"{o.label} (cost {o.cost:.2f})" for o in options], "; ".join(stacked_reasons[template]), options))
-    decisions = _hold_hidden_layouts(decisions, unresolved)
-    decisions.sort(key=lambda d: natural_key(d.rule.target))
-    for decision in decisions:
-        for src in decision.rule.sources:
-            used_sources.update(expand_sources(src))
-        written_targets.update(expand_targets(decision.rule.target))
-    unresolved_targets = set()
+        decisions.append((Decision(rule, min(_confidence(p) for p in parts), ["concatenation of " + ", ".join(p.source.label for p in parts)]), match))
+    for (number, template), candidates in stacked_parts.items():
+        options = _whole_options(stacked_items[(number, template)], candidates)
+        unresolved.append((Unresolved(template, [f"{o.label} (cost {o.cost:.2f})" for o in options], "; ".join(stacked_reasons[(number, template)]), options),
+                           scopes[number][1]))
+    source_keys, target_keys = _KeyIndex(source.keys()), _KeyIndex(target.keys())
+    settled_decisions, settled_unresolved = _settle_classes(decisions, unresolved, source_keys, target_keys)
+    settled_decisions = _hold_hidden_layouts(settled_decisions, settled_unresolved)
+    settled_decisions.sort(key=lambda d: natural_key(d.rule.target))
+    mapping = Mapping(tuple(d.rule for d in settled_decisions), meta={"description": "inferred by matcher from shapes and names"})
+    unmatched_targets, unused_sources = _leftovers(mapping, settled_unresolved, source_keys, target_keys)
+    return MatchReport(mapping, settled_decisions, settled_unresolved, unmatched_targets, unused_sources, conventions, source=source, target=target)
+
+
+def _leftovers(mapping: Mapping, unresolved: list[Unresolved], source_keys: "_KeyIndex", target_keys: "_KeyIndex") -> tuple[list[str], list[str]]:
+    """Target keys no rule writes and no question covers; source keys no rule or option reads.
+    What a rule writes and reads is what its expansion binds (placeholders bound from the keys,
+    as ``Mapping.expand`` binds them), so a template that also names keys of layers it does not
+    bind claims none of them."""
+    from ..patterns import template as tmpl
+
+    written: set[str] = set()
+    used: set[str] = set()
+    for rule in mapping.rules:
+        _expanded_keys(rule, source_keys, target_keys, written, used)
+    questioned: set[str] = set()
     for item in unresolved:
-        unresolved_targets.update(expand_targets(item.target))
+        questioned.update(key for _, key in target_keys.matches(tmpl(item.target)))
         for option in item.options:
             for src in option.sources:
-                used_sources.update(expand_sources(src))
-    unmatched_targets = [k for k in target.keys() if k not in written_targets and k not in unresolved_targets]
-    unused_sources = [k for k in source.keys() if k not in used_sources]
-    mapping = Mapping(tuple(d.rule for d in decisions), meta={"description": "inferred by matcher from shapes and names"})
-    return MatchReport(mapping, decisions, unresolved, unmatched_targets, unused_sources, conventions, source=source, target=target)
+                used.update(key for _, key in source_keys.matches(tmpl(src)))
+    unmatched = [k for k in target_keys.keys if k not in written and k not in questioned]
+    unused = [k for k in source_keys.keys if k not in used]
+    return unmatched, unused
+
+
+class _KeyIndex:
+    """A tree's keys, indexed for laying templates over them without a pass over every key per
+    template: a template ``head{i}tail`` (``model.layers.{i}`` + ``.mlp.gate.weight``) is looked
+    up among the keys starting with ``head`` (found by bisection, grouped once by what follows the
+    number); only placeholders in the tail (``experts.{e}``) are matched, once per distinct tail."""
+
+    def __init__(self, keys):
+        self.keys = list(keys)
+        self.set = set(self.keys)
+        self._sorted: list[str] | None = None
+        self._heads: dict[str, dict[str, list[tuple[int, str]]]] = {}
+        self._matches: dict[str, list[tuple[dict, str]]] = {}
+
+    def _under(self, head: str) -> dict[str, list[tuple[int, str]]]:
+        """Keys ``head`` + number + rest, grouped by rest."""
+        import bisect
+
+        grouped = self._heads.get(head)
+        if grouped is None:
+            if self._sorted is None:
+                self._sorted = sorted(self.keys)
+            grouped = self._heads[head] = defaultdict(list)
+            for key in self._sorted[bisect.bisect_left(self._sorted, head) :]:
+                if not key.startswith(head):
+                    break
+                rest = key[len(head) :]
+                digits = len(rest) - len(rest.lstrip("0123456789"))
+                if digits:
+                    grouped[rest[digits:]].append((int(rest[:digits]), key))
+        return grouped
+
+    def matches(self, pattern) -> list[tuple[dict, str]]:
+        """(bindings, key) for every key the template matches, as ``Template.match`` finds them."""
+        from ..patterns import template as tmpl
+
+        found = self._matches.get(pattern.text)
+        if found is not None:
+            return found
+        head, name, tail = _split_template(pattern.text)
+        if name is None:
+            found = [(m, key) for key in self.keys if (m := pattern.match(key)) is not None]
+        else:
+            grouped = self._under(head)
+            tail_t = tmpl(tail)
+            if tail_t.is_concrete:
+                found = [({name: n}, key) for n, key in grouped.get(tail, ())]
+            else:
+                found = [({name: n, **m}, key) for rest, items in grouped.items() if (m := tail_t.match(rest)) is not None for n, key in items]
+        self._matches[pattern.text] = found
+        return found
+
+    def numbers(self, text: str) -> set[int]:
+        """The layer numbers ``{i}`` takes over these keys."""
+        from ..patterns import template as tmpl
+
+        return {m[LAYER] for m, _ in self.matches(tmpl(text)) if LAYER in m}
+
+
+def _split_template(text: str) -> tuple[str, str | None, str]:
+    """``head``, the first placeholder's name and ``tail``, when the index can serve the template:
+    a named placeholder first, not repeated, followed by neither a digit nor another token."""
+    import re
+
+    first = re.search(r"\{(\w+)\}|\*", text)
+    if first is None or first.group(1) is None:
+        return text, None, ""
+    head, name, tail = text[: first.start()], first.group(1), text[first.end() :]
+    if tail[:1].isdigit() or tail[:1] in ("{", "*") or "{" + name + "}" in tail:
+        return text, None, ""
+    return head, name, tail
+
+
+def _expanded_keys(rule: Rule, source_keys: _KeyIndex, target_keys: _KeyIndex, written: set[str], used: set[str]) -> None:
+    """Add the target keys ``rule`` writes and the source keys it reads once expanded."""
+    from ..patterns import template as tmpl
+
+    target_t = tmpl(rule.target)
+    wanted = tuple(target_t.variables)
+    carrier = next((s for s in rule.sources if set(wanted) <= set(tmpl(s).variables)), None)
+    if not wanted:
+        bindings = {()}
+    elif carrier is not None:
+        bindings = {tuple(m[v] for v in wanted) for m, _ in source_keys.matches(tmpl(carrier))}
+    else:
+        bindings = {tuple(m[v] for v in wanted) for m, _ in target_keys.matches(target_t)}
+    for values in bindings:
+        key = target_t.fill(dict(zip(wanted, values)))
+        if key in target_keys.set:
+            written.add(key)
+    for source in rule.sources:
+        source_t = tmpl(source)
+        if set(source_t.variables) <= set(wanted):
+            used.update(source_t.fill(dict(zip(wanted, values))) for values in bindings)
+            continue
+        own = [k for k, v in enumerate(wanted) if v in source_t.variables]
+        allowed = {tuple(values[k] for k in own) for values in bindings}
+        used.update(key for m, key in source_keys.matches(source_t) if tuple(m[wanted[k]] for k in own) in allowed)
+
+
+# ---------------------------------------------------------------------- structure classes
+
+LAYER = "i"  # the block placeholder
+
+
+def _rule_numbers(rule: Rule, source_keys: _KeyIndex, target_keys: _KeyIndex) -> set[int]:
+    """The layers a rule writes once expanded: ``{i}`` is bound from the first source that carries
+    every placeholder of the target, else (a scanned stack selected by ``{i}``) from the target keys."""
+    from ..patterns import template as tmpl
+
+    wanted = set(tmpl(rule.target).variables)
+    carrier = next((s for s in rule.sources if wanted <= set(tmpl(s).variables)), None)
+    return source_keys.numbers(carrier) if carrier is not None else target_keys.numbers(rule.target)
+
+
+def _at_layer(rule: Rule, layer: int) -> Rule:
+    from ..patterns import template as tmpl
+
+    bound = {LAYER: layer}
+    return Rule(tmpl(rule.target).fill(bound), tuple(tmpl(s).fill(bound) for s in rule.sources), tuple(op.bind(bound) for op in rule.ops), rule.note)
+
+
+def _layers_text(layers) -> str:
+    layers = sorted(layers)
+    return ", ".join(map(str, layers)) if len(layers) <= 6 else f"{', '.join(map(str, layers[:3]))}, ..., {layers[-1]} ({len(layers)})"
+
+
+def _rule_key(rule: Rule) -> tuple:
+    return (rule.sources, tuple(repr(op.to_dict()) for op in rule.ops))
+
+
+def _question_key(item: Unresolved) -> tuple:
+    return (item.reason, item.part, tuple((o.sources, tuple(repr(op.to_dict()) for op in o.ops)) for o in item.options))
+
+
+def _classed(match: BlockMatch | None) -> bool:
+    return match is not None and (match.source.classed or match.target.classed)
+
+
+def _settle_classes(decisions: list[tuple[Decision, BlockMatch | None]], unresolved: list[tuple[Unresolved, BlockMatch | None]],
+                    source_keys: _KeyIndex, target_keys: _KeyIndex) -> tuple[list[Decision], list[Unresolved]]:
+    """The rules of structure classes (dense and MoE layers under one ``layers.{i}``), made safe to expand.
+
+    Each class pair was solved on its own, over its own layers, with the shared ``{i}`` template.
+    Rules equal in every class that has them become one rule; a templated rule is kept only if its
+    expansion writes nothing but the layers of the classes it was found for (``{i}`` binds from the
+    keys, so ``mlp.gate_proj`` of dense layers binds only where it exists; ``self_attn.q_proj``
+    exists in every layer). Otherwise, and for every other class whose rule for the same target
+    differs, the rule is written once per layer: two rules never write the same key and a rule
+    found for one class never reaches the layers of another (or an odd layer matched on its own).
+    Questions are settled the same way."""
+    if not any(_classed(match) for _, match in decisions + unresolved):
+        return [d for d, _ in decisions], [u for u, _ in unresolved]
+    settled: list[Decision] = []
+    by_target: dict[str, dict[tuple, list[tuple[Decision, BlockMatch]]]] = defaultdict(dict)
+    for decision, match in decisions:
+        if not _classed(match):
+            settled.append(decision)
+            continue
+        by_target[decision.rule.target].setdefault(_rule_key(decision.rule), []).append((decision, match))
+    for variants in by_target.values():
+        ranked = sorted(variants.values(), key=lambda found: -sum(m.target.count for _, m in found))
+        templated = False
+        for found in ranked:
+            rule = found[0][0].rule
+            layers = {n for _, m in found for n in m.target.indices}
+            confidence = min(d.confidence for d, _ in found)
+            reasons = list(found[0][0].reasons)
+            if len(found) > 1:
+                reasons.append(f"the same in {len(found)} layer classes")
+            if not templated and _rule_numbers(rule, source_keys, target_keys) <= layers:
+                templated = True
+                settled.append(Decision(rule, confidence, reasons))
+                continue
+            note = f"layer by layer: {{i}} would also bind layers this rule was not found for (found for layers {_layers_text(layers)})"
+            settled.extend(Decision(_at_layer(rule, n), confidence, reasons + [note]) for n in sorted(layers))
+    questions: list[Unresolved] = []
+    by_question: dict[str, dict[tuple, list[tuple[Unresolved, BlockMatch]]]] = defaultdict(dict)
+    for item, match in unresolved:
+        if not _classed(match):
+            questions.append(item)
+            continue
+        by_question[item.target].setdefault(_question_key(item), []).append((item, match))
+    for target_template, variants in by_question.items():
+        written = target_keys.numbers(target_template)
+        for found in variants.values():
+            item = found[0][0]
+            layers = {n for _, m in found for n in m.target.indices}
+            if len(variants) == 1 and target_template not in by_target and written <= layers:
+                questions.append(item)
+                continue
+            questions.extend(_question_at_layer(item, n) for n in sorted(layers))
+    return settled, questions
+
+
+def _question_at_layer(item: Unresolved, layer: int) -> Unresolved:
+    from ..patterns import template as tmpl
+
+    bound = {LAYER: layer}
+    options = [Option(tuple(tmpl(s).fill(bound) for s in o.sources), tuple(op.bind(bound) for op in o.ops), o.cost, o.label.replace("{i}", str(layer)))
+               for o in item.options]
+    return Unresolved(tmpl(item.target).fill(bound), [c.replace("{i}", str(layer)) for c in item.candidates], item.reason, options, item.part)

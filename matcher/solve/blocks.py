@@ -5,6 +5,12 @@ all hold the same relative keys with the same shapes (``encoderblock_{i}``,
 ``resblocks.{i}``, ``layers.{i}``). The outermost such number wins, so the two layer
 norms inside a layer (``LayerNorm_0``, ``LayerNorm_1``) stay leaves of the layer.
 A block is solved once and replicated; every instance is checked by construction.
+
+Layers that are not all alike (a mixture-of-experts decoder whose first layers are dense) make
+one block per *structure class*: the instances of a numbered prefix grouped by their relative
+keys and shapes (dense layers {0, 1}, MoE layers {2, ..., 5}), each class with two or more
+instances a block of its own, with the same ``{i}`` template and its own ``indices``. An
+instance alone in its class stays outside blocks (its keys fall to inner numbers, or are leaves).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ class Block:
     leaves: dict[str, TensorSpec]  # relative suffix (with its leading separator) -> spec of instance 0
     keys: set[str] = field(default_factory=set)
     stacked: bool = False  # scanned layers: one tensor per leaf, layers on a leading axis
+    classed: bool = False  # one structure class of a prefix whose instances are not all alike
+    among: tuple[int, ...] = ()  # for a class: every instance of its prefix, in every class
 
     @property
     def count(self) -> int:
@@ -66,28 +74,75 @@ def find_blocks(tree: ParamTree) -> Units:
     for key, spec in tree.specs.items():
         for prefix, index, suffix in _candidates(key):
             by_prefix[prefix][index][suffix] = (spec.shape, spec.dtype)
-    valid: dict[str, list[int]] = {}
+    uniform: dict[str, tuple[int, ...]] = {}  # prefix -> its instances, all alike
+    classed: dict[str, dict[int, tuple[int, ...]]] = {}  # prefix -> instance -> the instances of its class (two or more)
+    among: dict[str, tuple[int, ...]] = {}  # prefix with classes -> all its instances
     for prefix, instances in by_prefix.items():
         if len(instances) < 2:
             continue
-        signatures = {tuple(sorted(content.items())) for content in instances.values()}
-        if len(signatures) == 1:
-            valid[prefix] = sorted(instances)
-    blocks: dict[str, Block] = {}
+        classes: dict[tuple, list[int]] = defaultdict(list)
+        for index, content in instances.items():
+            classes[tuple(sorted(content.items()))].append(index)
+        if len(classes) == 1:
+            uniform[prefix] = tuple(sorted(instances))
+            continue
+        members = {index: tuple(sorted(indices)) for indices in classes.values() if len(indices) >= 2 for index in indices}
+        if members:
+            classed[prefix] = members
+            among[prefix] = tuple(sorted(instances))
+    blocks: dict[tuple[str, int], Block] = {}  # (prefix, first instance of the class)
     singles: dict[str, TensorSpec] = {}
     for key, spec in tree.specs.items():
-        chosen = next(((p, i, s) for p, i, s in _candidates(key) if p in valid), None)
+        chosen = None
+        for prefix, index, suffix in _candidates(key):
+            if prefix in uniform:
+                chosen = prefix, index, suffix, uniform[prefix], False
+                break
+            if index in classed.get(prefix, ()):
+                chosen = prefix, index, suffix, classed[prefix][index], True
+                break
         if chosen is None:
             singles[key] = spec
             continue
-        prefix, index, suffix = chosen
-        block = blocks.get(prefix)
+        prefix, index, suffix, indices, several = chosen
+        block = blocks.get((prefix, indices[0]))
         if block is None:
-            block = blocks[prefix] = Block(prefix, valid[prefix], {})
+            block = blocks[(prefix, indices[0])] = Block(prefix, list(indices), {}, classed=several, among=among.get(prefix, ()))
         block.keys.add(key)
-        if index == valid[prefix][0]:
+        if index == indices[0]:
             block.leaves[suffix] = spec
-    ordered = sorted(blocks.values(), key=lambda b: natural_key(b.prefix))
+    ordered = sorted(blocks.values(), key=lambda b: (natural_key(b.prefix), b.indices))
+    return Units(ordered, singles)
+
+
+def split_like(units: Units, other: Units) -> Units:
+    """Blocks of ``units`` whose layers are all alike, cut into the structure classes the other side
+    has over the same layers: the other side's prefix has instances exactly these layer numbers and
+    falls into classes (layers 0, 1 hold q|k|v fused, layers 2.. do not), so each class can pair with
+    the same layers here. Instances alone in their class on the other side become leaves here too.
+    A block with a partner of its own layers, or facing several such prefixes, is kept whole."""
+    partitions: dict[tuple[int, ...], dict[str, list[list[int]]]] = defaultdict(lambda: defaultdict(list))
+    for block in other.blocks:
+        if block.classed and block.among:
+            partitions[block.among][block.prefix].append(block.indices)
+    if not partitions:
+        return units
+    whole = {tuple(b.indices) for b in other.blocks}
+    blocks: list[Block] = []
+    singles = dict(units.singles)
+    for block in units.blocks:
+        found = partitions.get(tuple(block.indices), {})
+        if block.classed or block.stacked or tuple(block.indices) in whole or len(found) != 1:
+            blocks.append(block)
+            continue
+        classes = next(iter(found.values()))
+        alone = sorted(set(block.indices) - {i for indices in classes for i in indices})
+        for indices in classes:
+            keys = {block.key(suffix, i) for suffix in block.leaves for i in indices}
+            blocks.append(Block(block.prefix, list(indices), dict(block.leaves), keys, classed=True, among=tuple(block.indices)))
+        for i in alone:
+            singles.update({block.key(suffix, i): spec for suffix, spec in block.leaves.items()})
+    ordered = sorted(blocks, key=lambda b: (natural_key(b.prefix), b.indices))
     return Units(ordered, singles)
 
 

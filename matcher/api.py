@@ -58,10 +58,11 @@ def match(
     target = build_target(model_class, config)
     pinned = _mapping(mapping)
     report = _match_with_pins(tree, target.tree, pinned) if pinned else match_trees(tree, target.tree)
-    if not config_fields and not report.complete:
-        _check_config_against_checkpoint(model_class, target.config, tree, config, report)
     report.source, report.target, report.config_fields = tree, target, config_fields
-    return allow_leftovers(report, allow_drop, allow_init)
+    report = allow_leftovers(report, allow_drop, allow_init)
+    if not config_fields and not report.complete:
+        _check_config_against_checkpoint(model_class, target.config, tree, config, report, allow_drop, allow_init)
+    return report
 
 
 def _config_value(config: Any, path: str) -> Any:
@@ -75,16 +76,18 @@ def _leftovers(report: MatchReport) -> int:
     return len(report.unmatched_targets) + len(report.unused_sources) + len(report.unresolved)
 
 
-def _check_config_against_checkpoint(model_class: type, config: Any, tree: ParamTree, given: Any, report: MatchReport) -> None:
-    """When a given config leaves tensors unmatched and a config inferred from the checkpoint
-    fits it better, say which fields of the given config the checkpoint contradicts."""
+def _check_config_against_checkpoint(model_class: type, config: Any, tree: ParamTree, given: Any, report: MatchReport,
+                                     allow_drop: Sequence[str] = (), allow_init: Sequence[str] = ()) -> None:
+    """When a given config leaves tensors unmatched (beyond what the user allowed) and a config
+    inferred from the checkpoint fits it better, say which fields of the given config the
+    checkpoint contradicts."""
     from .config_infer import infer_config
     from .errors import TargetError
     from .targets import build_target
 
     try:
         inferred = infer_config(model_class, tree)
-        alternative = match_trees(tree, build_target(model_class, inferred.config).tree)
+        alternative = allow_leftovers(match_trees(tree, build_target(model_class, inferred.config).tree), allow_drop, allow_init)
     except MatcherError:
         return  # no better explanation than the report itself
     if _leftovers(alternative) >= _leftovers(report):

@@ -74,7 +74,7 @@ from fractions import Fraction
 from functools import lru_cache
 from typing import Any, Iterable
 
-from .errors import TargetError
+from .errors import MatcherError, TargetError
 from .tree import ParamTree, Shape
 
 FieldPath = tuple[str, ...]
@@ -1315,6 +1315,11 @@ def infer_config(model_class: type, source: ParamTree) -> InferredConfig:
         _check_time()
         with _quiet():
             result = _infer(p, source)
+    except MatcherError:
+        raise
+    except Exception as exc:  # a config class refusing the values inferred (its own validators): one line, not a traceback
+        raise TargetError(f"cannot infer a config for {name} from this checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); give --config",
+                          path=source.origin or None) from exc
     finally:
         _DEADLINE.reset(token)
     result.seconds = time.perf_counter() - started

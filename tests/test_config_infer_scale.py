@@ -179,3 +179,35 @@ def test_the_time_budget_gives_up_with_one_line(monkeypatch, tmp_path):
     assert message in result.output and len(result.output.strip().splitlines()) == 1
     monkeypatch.undo()
     assert infer_config(resolve_class("MixtralForCausalLM"), _tree(shapes)).complete is False  # heads: assumptions
+
+
+def test_a_config_class_refusing_the_inferred_values_is_one_line_not_a_traceback(monkeypatch, tmp_path):
+    """Config classes validate their fields (DeepSeek-V3's refuses some head sizes): whatever they
+    raise, inference gives up with one line asking for --config."""
+
+    def refuse(probe, source):
+        raise ValueError("head_dim 465 is not allowed\nmore detail")
+
+    monkeypatch.setattr(config_infer, "_infer", refuse)
+    _, shapes = _mixtral_hub(**MIXTRAL)
+    with pytest.raises(TargetError, match=r"cannot infer a config for MixtralForCausalLM from this checkpoint \(ValueError: head_dim 465 is not allowed\); give --config"):
+        infer_config(resolve_class("MixtralForCausalLM"), _tree(shapes))
+    source = tmp_path / "model.safetensors"
+    save_file({k: np.zeros(s, dtype=np.float32) for k, s in shapes.items()}, str(source))
+    result = CliRunner().invoke(main, [str(source), "--target", "MixtralForCausalLM"])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1 and "give --config" in result.output
+
+
+def test_leftovers_the_user_allowed_do_not_send_a_given_config_to_the_contradiction_check(monkeypatch, tmp_path):
+    """A hub checkpoint with an extra layer the model does not have, converted with --config and
+    --allow-drop for that layer: complete, and the given config is not second-guessed."""
+    from transformers import MixtralConfig
+
+    config, shapes = _mixtral_hub(**MIXTRAL)
+    extra = {k.replace("model.layers.0.", f"model.layers.{config.num_hidden_layers}.", 1): s for k, s in shapes.items() if k.startswith("model.layers.0.")}
+    extra[f"model.layers.{config.num_hidden_layers}.eh_proj.weight"] = (config.hidden_size, 2 * config.hidden_size)  # like DeepSeek's prediction layer
+    tree = _tree({**shapes, **extra})
+    monkeypatch.setattr(config_infer, "infer_config", lambda *a, **k: pytest.fail("the config check ran"))
+    report = matcher.match(tree, "MixtralForCausalLM", config=config, allow_drop=[f"model.layers.{config.num_hidden_layers}.*"])
+    assert report.complete and len(report.dropped) == len(extra)
+    assert isinstance(config, MixtralConfig)

@@ -66,7 +66,8 @@ def render(report: MatchReport, saved: str | None = None) -> None:
     console.print(table)
     for tower in report.towers:
         if "layers" in tower:
-            console.print(f"block {tower['source']} -> {tower['target']} ({tower['layers']} layers{', scanned' if tower['stacked'] else ''})", markup=False)
+            which = f": {layer_ranges(tower['indices'])}" if "indices" in tower else ""
+            console.print(f"block {tower['source']} -> {tower['target']} ({tower['layers']} layers{which}{', scanned' if tower['stacked'] else ''})", markup=False)
     inferred = [f for f in report.config_fields if f.how == "inferred"]
     if report.config_fields:
         console.print(
@@ -118,3 +119,14 @@ def render(report: MatchReport, saved: str | None = None) -> None:
         console.print("[bold red]not complete:[/] nothing written (see above; --allow-partial writes what is decided)")
     else:
         console.print("complete: every source and target tensor is accounted for")
+
+
+def layer_ranges(indices) -> str:
+    """``[0, 1, 4, 6, 7, 8]`` as ``0-1, 4, 6-8``: which layers a block of a kind holds."""
+    runs: list[list[int]] = []
+    for index in sorted(indices):
+        if runs and index == runs[-1][1] + 1:
+            runs[-1][1] = index
+        else:
+            runs.append([index, index])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)

@@ -330,6 +330,7 @@ def test_qwen3_moe_with_dense_layers_converts_through_the_cli(tmp_path: Path):
                                        "--config", str(tmp_path / "config" / "config.json"), "--save", str(out), "--yes"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
+    assert "(2 layers: 0-1)" in result.output and "(4 layers: 2-5)" in result.output  # which layers each kind holds
     converted = {}
     for shard in sorted(out.glob("*.safetensors")):
         converted.update(load_file(str(shard)))

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import MappingError, MatcherError
+from .grouping import groups_sharing
 from .mapping import ExpandedRule, Expansion, Mapping
 from .ops import apply_chain, chain_output_shape
 from .tree import ParamTree
@@ -66,26 +67,8 @@ def production_order(plan: Plan) -> list[OutputTensor]:
     """The plan's outputs with those that share a source next to each other (q, k and v cut from
     one fused tensor; the layers of a scanned stack), so that each source is read once and held
     only while its outputs are produced. Otherwise the plan's order."""
-    parent = list(range(len(plan.outputs)))
-
-    def root(index: int) -> int:
-        while parent[index] != index:
-            parent[index] = parent[parent[index]]
-            index = parent[index]
-        return index
-
-    first_user: dict[str, int] = {}
-    for index, output in enumerate(plan.outputs):
-        for source in plan.by_target[output.name].sources:
-            if source in first_user:
-                a, b = root(first_user[source]), root(index)
-                parent[max(a, b)] = min(a, b)
-            else:
-                first_user[source] = index
-    groups: dict[int, list[OutputTensor]] = {}
-    for index, output in enumerate(plan.outputs):
-        groups.setdefault(root(index), []).append(output)
-    return [output for group in groups.values() for output in group]
+    groups = groups_sharing(plan.outputs, lambda output: plan.by_target[output.name].sources)
+    return [output for group in groups for output in group]
 
 
 PREFETCH_BYTES = 64 * 2**20  # source bytes read ahead of the output being produced

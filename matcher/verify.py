@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
 from .errors import MatcherError
+from .grouping import groups_sharing
 from .mapping import ExpandedRule, Mapping, Rule
 from .ops import Chunk, Select, apply_chain, chain_output_shape
 from .patterns import template
@@ -423,25 +424,8 @@ def _components(report: MatchReport) -> list[_Component]:
     target one candidate, no candidate read twice."""
     items = [u for u in report.unresolved if u.options]
     options = {id(u): [(_reads(o), o.rule(u.target)) for o in u.options if u.part is None and _fits(report, o.rule(u.target))] for u in items}
-    parent = list(range(len(items)))
-
-    def root(n: int) -> int:
-        while parent[n] != n:
-            parent[n] = parent[parent[n]]
-            n = parent[n]
-        return n
-
-    owner: dict[tuple, int] = {}
-    for n, item in enumerate(items):
-        for reads, _ in options[id(item)]:
-            if reads in owner:
-                parent[root(n)] = root(owner[reads])
-            owner.setdefault(reads, n)
-    grouped: dict[int, list[Unresolved]] = defaultdict(list)
-    for n, item in enumerate(items):
-        grouped[root(n)].append(item)
     components = []
-    for members in grouped.values():
+    for members in groups_sharing(items, lambda item: [reads for reads, _ in options[id(item)]]):
         component = _Component(members)
         if any(not options[id(u)] for u in members):
             component.why_not = "no candidate is a whole rule for its target (one part of a fused tensor, or a chain that does not fit)"

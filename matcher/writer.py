@@ -382,18 +382,6 @@ def write_files(
             writer.close(abort=True)
 
 
-def write_safetensors(
-    path: Path,
-    tensors: Sequence[OutputTensor],
-    produce: Callable[[OutputTensor], Any],
-    metadata: dict[str, str] | None = None,
-    progress: Callable[[OutputTensor], None] | None = None,
-    order: Sequence[OutputTensor] | None = None,
-) -> None:
-    """Write ``tensors`` into one safetensors file, calling ``produce`` for each one's data just before writing it."""
-    write_files([(Path(path), tensors)], produce, metadata, progress, order)
-
-
 def write_model(
     directory: Path,
     tensors: Sequence[OutputTensor],
